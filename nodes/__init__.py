@@ -1,0 +1,18 @@
+"""ComfyUI adapter for audiotoken_core: model folders, node classes, the V3 entry point."""
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import ComfyExtension, io
+
+from .audiotoken_nodes import NODES
+from .model_folders import register_model_folders
+
+register_model_folders()
+
+
+class AudioTokenExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> AudioTokenExtension:
+    return AudioTokenExtension()

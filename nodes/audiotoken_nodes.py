@@ -1,0 +1,377 @@
+"""The AudioToken nodes (ComfyUI V3 schema, `comfy_api.v0_0_2`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import folder_paths
+from comfy_api.v0_0_2 import io
+
+from ..audiotoken_core.audio import REFERENCE_CLIP_SECONDS
+from ..audiotoken_core.embedding import blend_embeddings, load_embedding, save_embedding
+from ..audiotoken_core.encoders import load_audio_encoder
+from ..audiotoken_core.token_file import import_reference_embedder, load_audiotoken, save_audiotoken
+from . import model_folders as mf
+from .runtime import LoadedAudioToken, LoadedEncoder
+from .splice import check_prompt, encode_with_vectors
+
+CATEGORY = "audio/AudioToken"
+ENCODER = io.Custom("AUDIOTOKEN_ENCODER")
+AUDIOTOKEN = io.Custom("AUDIOTOKEN")
+EMBEDDING = io.Custom("AUDIOTOKEN_EMBEDDING")
+DEFAULT_PROMPT = "a photo of <audio>"
+DEFAULT_PLACEHOLDER = "<audio>"
+CHANNEL_POLICIES = ["mix", "first"]
+ENCODER_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+TOKEN_SUFFIXES = (".safetensors",)
+REFERENCE_SUFFIXES = (".bin", ".pt", ".pth")
+POOLING_MODES = ["deterministic", "reference (stochastic)"]
+EMBEDDING_SUBFOLDER = "audiotoken_embeddings"
+
+
+def schema(**kwargs) -> io.Schema:
+    """io.Schema, dropping fields an older ComfyUI lacks (search_aliases arrived after 0.3.75)."""
+    fields = {f.name for f in dataclasses.fields(io.Schema)}
+    return io.Schema(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+def _parse_layers(text: str) -> tuple[int, ...] | None:
+    text = text.strip().lower()
+    if text in ("", "auto", "default"):
+        return None
+    try:
+        layers = tuple(int(p) for p in text.replace(" ", "").split(",") if p)
+    except ValueError:
+        raise ValueError(f"layers '{text}' is not a comma-separated list of layer numbers; write e.g. 4,8,12 or auto.")
+    if not layers:
+        raise ValueError("layers is empty; write e.g. 4,8,12 or auto.")
+    return layers
+
+
+def _window_inputs() -> list:
+    return [
+        io.Float.Input("start_seconds", default=0.0, min=0.0, max=86400.0, step=0.1,
+                       tooltip="Where the window starts in the recording, in seconds."),
+        io.Float.Input("window_seconds", default=REFERENCE_CLIP_SECONDS, min=0.5, max=60.0, step=0.5,
+                       tooltip="Length of audio the token hears. The paper uses 10 s at inference, 5 s in training."),
+        io.Combo.Input("channels", options=CHANNEL_POLICIES, default="mix",
+                       tooltip="How to make mono: 'mix' averages all channels; 'first' keeps channel 0 like the reference code."),
+        io.Boolean.Input("loop_short_audio", default=True,
+                         tooltip="Loop clips shorter than the window (as the reference does); off pads with silence."),
+    ]
+
+
+def _prompt_inputs() -> list:
+    return [
+        io.String.Input("text", default=DEFAULT_PROMPT, multiline=True,
+                        tooltip="Prompt with the placeholder where the sound belongs, e.g. 'an oil painting of <audio> at night'. "
+                                "It may appear several times and take weights like (<audio>:1.3)."),
+        io.String.Input("placeholder", default=DEFAULT_PLACEHOLDER,
+                        tooltip="The pseudo-word in the prompt that the audio vector replaces."),
+    ]
+
+
+class AudioEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="AudioTokenEncoderLoader",
+            display_name="Load Audio Encoder (AudioToken)",
+            category=CATEGORY,
+            description="Loads the frozen audio encoder an AudioToken listens through: an official BEATs checkpoint "
+                        "(.pt or converted .safetensors) or a transformers AST / wav2vec2 / HuBERT folder, from models/audio_encoders.",
+            search_aliases=["BEATs", "audio encoder", "AST", "wav2vec2", "HuBERT"],
+            inputs=[
+                io.Combo.Input("encoder_name", options=mf.list_files(mf.AUDIO_ENCODER_FOLDER, ENCODER_SUFFIXES),
+                               tooltip="BEATs checkpoint (e.g. BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt) or the weights file of a "
+                                       "transformers folder (config.json beside it) in models/audio_encoders."),
+                io.String.Input("layers", default="auto",
+                                tooltip="Transformer layers whose outputs are concatenated (1-indexed). 'auto' = the reference 4,8,12 for BEATs. "
+                                        "Must match what the AudioToken was trained with."),
+            ],
+            outputs=[ENCODER.Output(display_name="audio_encoder", tooltip="The frozen audio encoder.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, encoder_name=None, **_):
+        return mf.missing_file_message(mf.AUDIO_ENCODER_FOLDER, encoder_name, ENCODER_SUFFIXES) or True
+
+    @classmethod
+    def execute(cls, encoder_name: str, layers: str) -> io.NodeOutput:
+        path = mf.resolve(mf.AUDIO_ENCODER_FOLDER, encoder_name)
+        folder = os.path.dirname(path)
+        source = folder if os.path.isfile(os.path.join(folder, "config.json")) else path
+        encoder = load_audio_encoder(source, layers=_parse_layers(layers))
+        return io.NodeOutput(LoadedEncoder(encoder=encoder, name=encoder_name))
+
+
+class AudioTokenLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="AudioTokenLoader",
+            display_name="Load AudioToken",
+            category=CATEGORY,
+            description="Loads trained AudioToken weights (.safetensors from models/audiotoken) and binds them to the audio "
+                        "encoder they were trained with. Convert the reference release with 'Import Reference AudioToken'.",
+            search_aliases=["audiotoken", "audio embedder"],
+            inputs=[
+                io.Combo.Input("audiotoken_name", options=mf.list_files(mf.AUDIOTOKEN_FOLDER, TOKEN_SUFFIXES),
+                               tooltip="AudioToken weights file in models/audiotoken."),
+                ENCODER.Input("audio_encoder", tooltip="The encoder from 'Load Audio Encoder (AudioToken)'; it must be the kind "
+                                                       "and layers this AudioToken was trained with."),
+                io.Combo.Input("pooling", options=POOLING_MODES, default=POOLING_MODES[0],
+                               tooltip="'deterministic': same audio, same vector. 'reference (stochastic)': keeps the reference code's "
+                                       "always-on dropout in the attentive pooling, so each run differs."),
+            ],
+            outputs=[AUDIOTOKEN.Output(display_name="audiotoken", tooltip="Embedders bound to their audio encoder.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, audiotoken_name=None, **_):
+        return mf.missing_file_message(mf.AUDIOTOKEN_FOLDER, audiotoken_name, TOKEN_SUFFIXES) or True
+
+    @classmethod
+    def execute(cls, audiotoken_name: str, audio_encoder: LoadedEncoder, pooling: str) -> io.NodeOutput:
+        token = load_audiotoken(mf.resolve(mf.AUDIOTOKEN_FOLDER, audiotoken_name))
+        check_encoder_matches(token, audio_encoder, audiotoken_name)
+        token.set_stochastic_pooling(pooling != POOLING_MODES[0])
+        return io.NodeOutput(LoadedAudioToken(token=token, encoder=audio_encoder, name=audiotoken_name))
+
+    @classmethod
+    def fingerprint_inputs(cls, audiotoken_name, audio_encoder=None, pooling=POOLING_MODES[0]):
+        # Stochastic pooling must not be served from cache: each run should draw anew.
+        return float("nan") if pooling != POOLING_MODES[0] else audiotoken_name
+
+
+def check_encoder_matches(token, loaded: LoadedEncoder, token_name: str) -> None:
+    want, have = token.encoder, loaded.encoder.spec
+    if want.get("kind") != have.kind or tuple(want.get("layers", ())) != tuple(have.layers) \
+            or token.feature_dim != have.feature_dim:
+        raise ValueError(
+            f"AudioToken '{token_name}' was trained on {want.get('kind')} layers {list(want.get('layers', []))} "
+            f"({token.feature_dim} features) but the connected encoder '{loaded.name}' is {have.kind} layers "
+            f"{list(have.layers)} ({have.feature_dim} features). Load the matching encoder and set its layers to "
+            f"{','.join(str(x) for x in want.get('layers', []))}."
+        )
+
+
+class AudioTokenEmbedAudio(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="AudioTokenEmbedAudio",
+            display_name="AudioToken Embed Audio",
+            category=CATEGORY,
+            description="Turns a sound into AudioToken vectors (one per clip of the AUDIO batch) without a prompt, "
+                        "to save, blend or reuse them.",
+            inputs=[io.Audio.Input("audio", tooltip="Any ComfyUI AUDIO: any sample rate 8-192 kHz, any channel count."),
+                    AUDIOTOKEN.Input("audiotoken", tooltip="From 'Load AudioToken'."),
+                    *_window_inputs()],
+            outputs=[EMBEDDING.Output(display_name="audio_embedding", tooltip="The audio vectors, one row per clip.")],
+        )
+
+    @classmethod
+    def execute(cls, audio, audiotoken: LoadedAudioToken, start_seconds, window_seconds, channels,
+                loop_short_audio) -> io.NodeOutput:
+        emb = audiotoken.embed_audio(audio, start_seconds=start_seconds, window_seconds=window_seconds,
+                                     channel_policy=channels, loop=loop_short_audio)
+        return io.NodeOutput(emb)
+
+
+class AudioTokenConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="AudioTokenConditioning",
+            display_name="AudioToken Conditioning",
+            category=CATEGORY,
+            description="Encodes a prompt with the audio vector in place of the placeholder word (textual-inversion style, "
+                        "before the frozen CLIP text transformer). One conditioning row per embedding row.",
+            inputs=[io.Clip.Input("clip", tooltip="CLIP of an SD1.x, SD2.x or SDXL checkpoint."),
+                    EMBEDDING.Input("audio_embedding", tooltip="From 'AudioToken Embed Audio', 'Blend' or 'Load Embedding'."),
+                    *_prompt_inputs()],
+            outputs=[io.Conditioning.Output(tooltip="Conditioning for KSampler.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, text=None, placeholder=None, **_):
+        if isinstance(text, str) and isinstance(placeholder, str):
+            return check_prompt(text, placeholder) or True
+        return True
+
+    @classmethod
+    def execute(cls, clip, audio_embedding, text, placeholder) -> io.NodeOutput:
+        cond = encode_with_vectors(clip, text, placeholder, audio_embedding.vectors, f"Audio embedding '{audio_embedding.source}'")
+        return io.NodeOutput(cond)
+
+
+class AudioTokenEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="AudioTokenEncode",
+            display_name="AudioToken Encode (audio + prompt)",
+            category=CATEGORY,
+            description="The whole AudioToken path in one node: audio -> audio encoder -> Embedder -> the placeholder's word "
+                        "embedding -> CLIP -> CONDITIONING. Also outputs the audio embedding for saving or blending.",
+            search_aliases=["audio to image", "sound to image", "audio conditioning"],
+            inputs=[io.Clip.Input("clip", tooltip="CLIP of an SD1.x, SD2.x or SDXL checkpoint."),
+                    io.Audio.Input("audio", tooltip="Any ComfyUI AUDIO: any sample rate 8-192 kHz, any channel count; "
+                                                    "a batch gives one conditioning row per clip."),
+                    AUDIOTOKEN.Input("audiotoken", tooltip="From 'Load AudioToken'."),
+                    *_prompt_inputs(), *_window_inputs()],
+            outputs=[io.Conditioning.Output(tooltip="Conditioning for KSampler."),
+                     EMBEDDING.Output(display_name="audio_embedding", tooltip="The audio vectors, one row per clip.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, text=None, placeholder=None, **_):
+        return AudioTokenConditioning.validate_inputs(text=text, placeholder=placeholder)
+
+    @classmethod
+    def execute(cls, clip, audio, audiotoken: LoadedAudioToken, text, placeholder, start_seconds, window_seconds,
+                channels, loop_short_audio) -> io.NodeOutput:
+        emb = audiotoken.embed_audio(audio, start_seconds=start_seconds, window_seconds=window_seconds,
+                                     channel_policy=channels, loop=loop_short_audio)
+        cond = encode_with_vectors(clip, text, placeholder, emb.vectors, f"AudioToken '{audiotoken.name}'")
+        return io.NodeOutput(cond, emb)
+
+
+class AudioTokenBlend(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        weight = dict(default=1.0, min=-10.0, max=10.0, step=0.05)
+        return schema(
+            node_id="AudioTokenBlend",
+            display_name="AudioToken Blend Embeddings",
+            category=CATEGORY,
+            description="Weighted mix of two to four audio embeddings (e.g. rain + birds). With 'normalize' the weights are "
+                        "divided by their sum, keeping the vector's scale.",
+            inputs=[EMBEDDING.Input("embedding_1", tooltip="First audio embedding."),
+                    io.Float.Input("weight_1", tooltip="Weight of embedding_1.", **weight),
+                    EMBEDDING.Input("embedding_2", tooltip="Second audio embedding."),
+                    io.Float.Input("weight_2", tooltip="Weight of embedding_2.", **weight),
+                    EMBEDDING.Input("embedding_3", optional=True, tooltip="Optional third audio embedding."),
+                    io.Float.Input("weight_3", optional=True, tooltip="Weight of embedding_3.", **weight),
+                    EMBEDDING.Input("embedding_4", optional=True, tooltip="Optional fourth audio embedding."),
+                    io.Float.Input("weight_4", optional=True, tooltip="Weight of embedding_4.", **weight),
+                    io.Boolean.Input("normalize", default=True, tooltip="Divide the weights by their sum.")],
+            outputs=[EMBEDDING.Output(display_name="audio_embedding", tooltip="The blended vectors.")],
+        )
+
+    @classmethod
+    def execute(cls, embedding_1, weight_1, embedding_2, weight_2, normalize=True, embedding_3=None, weight_3=1.0,
+                embedding_4=None, weight_4=1.0) -> io.NodeOutput:
+        pairs = [(embedding_1, weight_1), (embedding_2, weight_2), (embedding_3, weight_3), (embedding_4, weight_4)]
+        pairs = [(e, w) for e, w in pairs if e is not None]
+        return io.NodeOutput(blend_embeddings([e for e, _ in pairs], [w for _, w in pairs], normalize_weights=normalize))
+
+
+class AudioTokenSaveEmbedding(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="AudioTokenSaveEmbedding",
+            display_name="AudioToken Save Embedding",
+            category=CATEGORY,
+            description=f"Saves audio vectors as .safetensors in output/{EMBEDDING_SUBFOLDER}. Copy the file to "
+                        f"input/{EMBEDDING_SUBFOLDER} to load it with 'AudioToken Load Embedding'.",
+            inputs=[EMBEDDING.Input("audio_embedding", tooltip="The vectors to save."),
+                    io.String.Input("filename_prefix", default=f"{EMBEDDING_SUBFOLDER}/audio",
+                                    tooltip="File name prefix, relative to the output folder.")],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, audio_embedding, filename_prefix) -> io.NodeOutput:
+        out_dir = folder_paths.get_output_directory()
+        full_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+        path = os.path.join(full_dir, f"{name}_{counter:05}_.safetensors")
+        save_embedding(path, audio_embedding)
+        return io.NodeOutput(path)
+
+
+class AudioTokenLoadEmbedding(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="AudioTokenLoadEmbedding",
+            display_name="AudioToken Load Embedding",
+            category=CATEGORY,
+            description=f"Loads saved audio vectors (.safetensors) from input/{EMBEDDING_SUBFOLDER}.",
+            inputs=[io.Combo.Input("embedding_name", options=_input_embeddings(),
+                                   tooltip=f"A file saved by 'AudioToken Save Embedding', placed in input/{EMBEDDING_SUBFOLDER}.")],
+            outputs=[EMBEDDING.Output(display_name="audio_embedding", tooltip="The saved vectors.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, embedding_name=None, **_):
+        if isinstance(embedding_name, str) and embedding_name not in _input_embeddings():
+            return (f"'{embedding_name}' is not a .safetensors file in input/{EMBEDDING_SUBFOLDER}; "
+                    f"copy a file saved by 'AudioToken Save Embedding' there and refresh.")
+        return True
+
+    @classmethod
+    def execute(cls, embedding_name) -> io.NodeOutput:
+        base = os.path.realpath(os.path.join(folder_paths.get_input_directory(), EMBEDDING_SUBFOLDER))
+        path = os.path.realpath(os.path.join(base, embedding_name))
+        if os.path.commonpath([base, path]) != base or not os.path.isfile(path):
+            raise FileNotFoundError(f"Embedding '{embedding_name}' is not a file in input/{EMBEDDING_SUBFOLDER}; "
+                                    f"copy it there and refresh.")
+        return io.NodeOutput(load_embedding(path))
+
+
+def _input_embeddings() -> list[str]:
+    base = os.path.join(folder_paths.get_input_directory(), EMBEDDING_SUBFOLDER)
+    if not os.path.isdir(base):
+        return []
+    return sorted(f for f in os.listdir(base) if f.endswith(".safetensors"))
+
+
+class AudioTokenImportReference(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="AudioTokenImportReference",
+            display_name="Import Reference AudioToken (.bin)",
+            category=CATEGORY,
+            description="Converts the AudioToken authors' released embedder_learned_embeds.bin (SD1.4, BEATs layers 4,8,12) "
+                        "into this pack's .safetensors format in models/audiotoken. Reads the pickle with weights-only loading.",
+            inputs=[io.Combo.Input("reference_file", options=mf.list_files(mf.AUDIOTOKEN_FOLDER, REFERENCE_SUFFIXES),
+                                   tooltip="The released embedder_learned_embeds.bin, placed in models/audiotoken."),
+                    io.String.Input("output_name", default="audiotoken_reference_sd14",
+                                    tooltip="Name of the .safetensors file to write in models/audiotoken.")],
+            outputs=[io.String.Output(display_name="audiotoken_name", tooltip="The file written; pick it in 'Load AudioToken'.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, reference_file=None, **_):
+        return mf.missing_file_message(mf.AUDIOTOKEN_FOLDER, reference_file, REFERENCE_SUFFIXES) or True
+
+    @classmethod
+    def execute(cls, reference_file, output_name) -> io.NodeOutput:
+        source = mf.resolve(mf.AUDIOTOKEN_FOLDER, reference_file)
+        name = os.path.basename(output_name.strip()) or "audiotoken_reference"
+        if not name.endswith(".safetensors"):
+            name += ".safetensors"
+        target = os.path.join(os.path.dirname(source), name)
+        token = import_reference_embedder(source)
+        save_audiotoken(target, token)
+        return io.NodeOutput(name, ui={"text": [json.dumps({"written": target})]})
+
+
+NODES = [
+    AudioEncoderLoader,
+    AudioTokenLoader,
+    AudioTokenEncode,
+    AudioTokenEmbedAudio,
+    AudioTokenConditioning,
+    AudioTokenBlend,
+    AudioTokenSaveEmbedding,
+    AudioTokenLoadEmbedding,
+    AudioTokenImportReference,
+]

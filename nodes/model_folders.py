@@ -1,0 +1,49 @@
+"""The ComfyUI model folders this pack reads, registered without disturbing user config."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+AUDIOTOKEN_FOLDER = "audiotoken"
+AUDIO_ENCODER_FOLDER = "audio_encoders"  # core ComfyUI's folder; we add it only where core lacks it
+WEIGHT_EXTENSIONS = {".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".json"}
+
+
+def register_model_folders() -> None:
+    """Add models/audiotoken and models/audio_encoders, keeping paths extra_model_paths.yaml added."""
+    for name in (AUDIOTOKEN_FOLDER, AUDIO_ENCODER_FOLDER):
+        default = os.path.join(folder_paths.models_dir, name)
+        if name in folder_paths.folder_names_and_paths:
+            paths, extensions = folder_paths.folder_names_and_paths[name]
+            if default not in paths:
+                paths.append(default)
+            folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | WEIGHT_EXTENSIONS)
+        else:
+            folder_paths.folder_names_and_paths[name] = ([default], set(WEIGHT_EXTENSIONS))
+
+
+def list_files(folder: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Files of a registered folder whose names end in one of `suffixes`, sorted."""
+    return sorted(f for f in folder_paths.get_filename_list(folder) if f.lower().endswith(suffixes))
+
+
+def resolve(folder: str, name: str) -> str:
+    """A listed file name -> absolute path inside the folder (never outside it)."""
+    try:
+        return folder_paths.get_full_path_or_raise(folder, name)
+    except FileNotFoundError as exc:
+        places = ", ".join(folder_paths.get_folder_paths(folder)) or "(none)"
+        raise FileNotFoundError(
+            f"Model file '{name}' was not found in the '{folder}' folders ({places}). "
+            f"Put the file there and press 'r' in ComfyUI to refresh the lists."
+        ) from exc
+
+
+def missing_file_message(folder: str, name, suffixes: tuple[str, ...]) -> str | None:
+    """For validate_inputs: why `name` cannot be loaded from `folder`, or None if it can."""
+    if not isinstance(name, str) or name in list_files(folder, suffixes):
+        return None
+    places = ", ".join(folder_paths.get_folder_paths(folder)) or f"models/{folder}"
+    return (f"'{name}' is not among the {'/'.join(suffixes)} files in the '{folder}' folders ({places}). "
+            f"Put the file there, press 'r' to refresh, and pick it from the list.")

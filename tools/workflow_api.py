@@ -1,0 +1,112 @@
+"""Convert a ComfyUI UI-format workflow (what users share) to the API format `/prompt` runs.
+
+The UI format stores widget values positionally; the meaning of each position comes from
+the server's /object_info (input order, which inputs are widgets). The same walk checks
+a workflow against a live server: node types exist, values are valid, links match types.
+"""
+from __future__ import annotations
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+SEED_NAMES = {"seed", "noise_seed"}
+MUTED, BYPASSED = 2, 4
+
+
+def _inputs_in_order(info: dict) -> list[tuple[str, list]]:
+    spec = info["input"]
+    order = info.get("input_order") or {s: list(spec.get(s, {})) for s in ("required", "optional")}
+    return [(name, spec[section][name]) for section in ("required", "optional") for name in order.get(section, [])]
+
+
+def _is_widget(spec: list) -> bool:
+    kind = spec[0]
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def _options(spec: list) -> list | None:
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO":
+        return spec[1].get("options") if len(spec) > 1 else None
+    return None
+
+
+def _has_control_widget(name: str, spec: list) -> bool:
+    opts = spec[1] if len(spec) > 1 else {}
+    return spec[0] == "INT" and (opts.get("control_after_generate") or name in SEED_NAMES)
+
+
+def convert(workflow: dict, object_info: dict) -> tuple[dict, list[str]]:
+    """(API prompt, problems). Problems name the node and what is wrong; empty when valid."""
+    problems: list[str] = []
+    links = {link[0]: link for link in workflow.get("links", [])}
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    prompt: dict[str, dict] = {}
+    for node in workflow["nodes"]:
+        kind = node["type"]
+        if kind in FRONTEND_ONLY or node.get("mode", 0) in (MUTED, BYPASSED):
+            continue
+        where = f"node {node['id']} ({kind})"
+        info = object_info.get(kind)
+        if info is None:
+            problems.append(f"{where}: node type is not installed on the server")
+            continue
+        linked = {i["name"]: i.get("link") for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        if isinstance(node.get("widgets_values"), dict):
+            problems.append(f"{where}: dict widgets_values are not supported")
+            values = []
+        inputs: dict = {}
+        for name, spec in _inputs_in_order(info):
+            value = None
+            if _is_widget(spec):
+                if values:
+                    value = values.pop(0)
+                    if _has_control_widget(name, spec) and values:
+                        values.pop(0)
+                if name not in linked and value is not None:
+                    problems += _check_value(where, name, spec, value)
+                    inputs[name] = value
+            if name in linked:
+                link = links.get(linked[name])
+                if link is None:
+                    problems.append(f"{where}: input '{name}' refers to missing link {linked[name]}")
+                    continue
+                _, src_id, src_slot, _, _, link_type = link
+                src = nodes.get(src_id)
+                src_info = object_info.get(src["type"]) if src else None
+                if src_info is not None:
+                    out_type = src_info["output"][src_slot]
+                    want = spec[0] if not isinstance(spec[0], list) else "COMBO"
+                    if not _types_match(out_type, want):
+                        problems.append(f"{where}: input '{name}' ({want}) is linked to output {src_slot} of node "
+                                        f"{src_id} ({src['type']}) of type {out_type}")
+                inputs[name] = [str(src_id), src_slot]
+            elif value is None and name in info["input"].get("required", {}):
+                problems.append(f"{where}: required input '{name}' has neither a link nor a value")
+        prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
+    return prompt, problems
+
+
+def _types_match(out_type: str, in_type: str) -> bool:
+    if "*" in (out_type, in_type):
+        return True
+    return bool(set(out_type.split(",")) & set(in_type.split(",")))
+
+
+def _check_value(where: str, name: str, spec: list, value) -> list[str]:
+    options = _options(spec)
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if options is not None:
+        return [] if value in options else [f"{where}: '{name}' = {value!r} is not one of {options[:8]}"]
+    kind = spec[0]
+    if kind in ("INT", "FLOAT"):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return [f"{where}: '{name}' = {value!r} is not a number"]
+        if "min" in opts and value < opts["min"] or "max" in opts and value > opts["max"]:
+            return [f"{where}: '{name}' = {value} is outside [{opts.get('min')}, {opts.get('max')}]"]
+    if kind == "BOOLEAN" and not isinstance(value, bool):
+        return [f"{where}: '{name}' = {value!r} is not a boolean"]
+    if kind == "STRING" and not isinstance(value, str):
+        return [f"{where}: '{name}' = {value!r} is not a string"]
+    return []
