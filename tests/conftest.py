@@ -37,3 +37,6 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("CI") == "true" and skipped:
         reporter.write_line(f"CI=true: {len(skipped)} test(s) were skipped; every test must run in CI.", red=True)
         session.exitstatus = 1
+
+
+from comfy_fixtures import comfy  # noqa: E402,F401  (the session's real ComfyUI server)

@@ -6,121 +6,17 @@ an official-format BEATs checkpoint (12 narrow layers), random AudioToken files,
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from audiotoken_core.embedder import Embedder, EmbedderConfig
 from audiotoken_core.embedding import load_embedding
-from audiotoken_core.token_file import AudioToken, save_audiotoken
+from comfy_fixtures import BEATS, CKPT, TOKEN_SD2, TOKEN_SD15, graph
 from tools.comfy_server import ComfyServer, execution_error
-from tools.placeholder_beats import write_placeholder_beats
-from tools.placeholder_sd import write_placeholder_sd15
 
 pytestmark = pytest.mark.comfyui
-
-CKPT = "sd15_tiny.safetensors"
-BEATS = "beats_small.pt"
-BEATS_SMALL = dict(encoder_layers=12, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=4,
-                   embed_dim=64)
-TOKEN_SD15 = "token_sd15.safetensors"
-TOKEN_SD2 = "token_sd2_width1024.safetensors"
-LAYERS = [4, 8, 12]
-
-
-def _token(widths: dict[str, int], seed: int) -> AudioToken:
-    torch.manual_seed(seed)
-    feature_dim = BEATS_SMALL["encoder_embed_dim"] * len(LAYERS)
-    embedders = {k: Embedder(EmbedderConfig(input_dim=feature_dim, output_dim=w)) for k, w in widths.items()}
-    encoder = {"kind": "beats", "layers": LAYERS, "hidden_size": BEATS_SMALL["encoder_embed_dim"], "sample_rate": 16000}
-    return AudioToken(embedders=embedders, encoder=encoder, description="random test token")
-
-
-def _sox(*args: str) -> None:
-    if shutil.which("sox") is None:
-        pytest.fail("sox is not installed: run scripts/setup_env.sh (apt-get install sox)")
-    subprocess.run(["sox", *args], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="session")
-def comfy(tmp_path_factory, cc0_recordings):
-    base = tmp_path_factory.mktemp("comfy")
-    server = ComfyServer(base)  # creates the folder layout and starts loading ComfyUI
-    try:
-        models = base / "models"
-        write_placeholder_sd15(models / "checkpoints" / CKPT)
-        write_placeholder_beats(models / "audio_encoders" / BEATS, seed=1, **BEATS_SMALL)
-        save_audiotoken(models / "audiotoken" / TOKEN_SD15, _token({"l": 768}, seed=2))
-        save_audiotoken(models / "audiotoken" / TOKEN_SD2, _token({"h": 1024}, seed=3))
-        (models / "audio_encoders" / "not_beats.safetensors").write_bytes(
-            (models / "audiotoken" / TOKEN_SD15).read_bytes())
-        inp = base / "input"
-        for name in ("dog.mp3", "cat.mp3"):
-            shutil.copy(next(p for p in cc0_recordings if p.name == name), inp / name)
-        _sox("-n", "-r", "192000", "-c", "8", str(inp / "tone_192k_8ch.wav"), "synth", "1.5", "sine", "440")
-        _sox("-n", "-r", "22050", "-c", "1", str(inp / "blip_50ms.wav"), "synth", "0.05", "sine", "1000")
-        _sox("-n", "-r", "16000", "-c", "1", str(inp / "silence.wav"), "trim", "0", "3")
-        _sox("-n", "-r", "8000", "-c", "1", str(inp / "one_hour.wav"), "synth", "3600", "brownnoise", "vol", "0.1")
-        _write_nan_wav(inp / "nan.wav")
-        (inp / "corrupt.mp3").write_bytes(next(p for p in cc0_recordings if p.name == "dog.mp3").read_bytes()[:300])
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
-def _write_nan_wav(path: Path) -> None:
-    """A float32 WAV whose samples are NaN (possible in the format; some tools write them)."""
-    import av
-    import numpy as np
-
-    samples = np.full((1, 16000), np.nan, dtype=np.float32)
-    with av.open(str(path), "w", format="wav") as container:
-        stream = container.add_stream("pcm_f32le", rate=16000, layout="mono")
-        frame = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
-        frame.sample_rate = 16000
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-
-
-def graph(audio="dog.mp3", text="a photo of <audio>", token=TOKEN_SD15, encoder=BEATS, save="image",
-          start=0.0, window=10.0, channels="mix"):
-    """API-format graph: LoadAudio -> loaders -> AudioTokenEncode -> KSampler -> VAEDecode -> SaveImage."""
-    g = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
-        "audio": {"class_type": "LoadAudio", "inputs": {"audio": audio}},
-        "enc": {"class_type": "AudioTokenEncoderLoader", "inputs": {"encoder_name": encoder, "layers": "auto"}},
-        "tok": {"class_type": "AudioTokenLoader",
-                "inputs": {"audiotoken_name": token, "audio_encoder": ["enc", 0], "pooling": "deterministic"}},
-        "encode": {"class_type": "AudioTokenEncode",
-                   "inputs": {"clip": ["ckpt", 1], "audio": ["audio", 0], "audiotoken": ["tok", 0], "text": text,
-                              "placeholder": "<audio>", "start_seconds": start, "window_seconds": window,
-                              "channels": channels, "loop_short_audio": True}},
-    }
-    if save == "image":
-        g.update({
-            "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
-            "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "sample": {"class_type": "KSampler",
-                       "inputs": {"model": ["ckpt", 0], "positive": ["encode", 0], "negative": ["neg", 0],
-                                  "latent_image": ["latent", 0], "seed": 1, "steps": 2, "cfg": 7.5,
-                                  "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-            "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
-            "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "audiotoken_test"}},
-        })
-    else:
-        g["savecond"] = {"class_type": "AudioTokenTest_SaveConditioning",
-                         "inputs": {"conditioning": ["encode", 0], "filename": save}}
-        g["saveemb"] = {"class_type": "AudioTokenSaveEmbedding",
-                        "inputs": {"audio_embedding": ["encode", 1], "filename_prefix": f"emb/{save}"}}
-    return g
-
 
 def _ok(entry: dict) -> dict:
     err = execution_error(entry)
