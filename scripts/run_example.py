@@ -93,22 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(args.audio, base / "input" / args.audio.name)
         server.wait_ready()
         object_info = server.get("/object_info")
-        prompt, problems = convert(json.loads(args.workflow.read_text()), object_info)
+        overrides = {node_type: {widget: chosen[folder]} for folder, (node_type, widget) in WIDGET.items()}
+        overrides["LoadAudio"] = {"audio": args.audio.name}
+        if args.prompt:
+            overrides["AudioTokenEncode"] = {"text": args.prompt}
+        if placeholders:  # random weights: keep the CPU run short
+            overrides["KSampler"] = {"steps": 4}
+            overrides["EmptyLatentImage"] = {"width": 256, "height": 256}
+        prompt, problems = convert(json.loads(args.workflow.read_text()), object_info, overrides)
         if problems:
             print("[run] the workflow does not fit this ComfyUI:\n  " + "\n  ".join(problems))
             return 1
-        for node in prompt.values():
-            for folder, (node_type, widget) in WIDGET.items():
-                if node["class_type"] == node_type:
-                    node["inputs"][widget] = chosen[folder]
-            if node["class_type"] == "LoadAudio":
-                node["inputs"]["audio"] = args.audio.name
-            if node["class_type"] == "AudioTokenEncode" and args.prompt:
-                node["inputs"]["text"] = args.prompt
-            if placeholders and node["class_type"] == "KSampler":
-                node["inputs"]["steps"] = 4  # random weights: keep the CPU run short
-            if placeholders and node["class_type"] == "EmptyLatentImage":
-                node["inputs"].update(width=256, height=256)
         entry = server.run(prompt, timeout=1800)
         err = execution_error(entry)
         if err:

@@ -167,3 +167,107 @@ def test_bad_inputs_give_readable_errors(comfy, kwargs, expected):
 def test_missing_model_file_is_rejected_before_running(comfy):
     status, body = comfy.queue(graph(token="does_not_exist.safetensors"))
     assert status == 400 and "tok" in body["node_errors"]
+
+
+def test_corrupt_audio_file_is_an_error_not_a_crash(comfy):
+    entry = comfy.run(graph(audio="corrupt.mp3", save="corrupt"))
+    assert execution_error(entry) is not None
+    assert comfy.proc.poll() is None and comfy.get("/system_stats")
+
+
+def _embedding_graph(audio: str, prefix: str) -> dict:
+    g = graph(audio=audio, save="unused")
+    del g["encode"], g["savecond"], g["saveemb"]
+    g["embed"] = {"class_type": "AudioTokenEmbedAudio",
+                  "inputs": {"audio": ["audio", 0], "audiotoken": ["tok", 0], "start_seconds": 0.0,
+                             "window_seconds": 10.0, "channels": "mix", "loop_short_audio": True}}
+    g["saveemb"] = {"class_type": "AudioTokenSaveEmbedding",
+                    "inputs": {"audio_embedding": ["embed", 0], "filename_prefix": f"emb/{prefix}"}}
+    return g
+
+
+def _latest_embedding(comfy, prefix: str):
+    return load_embedding(sorted((comfy.base / "output" / "emb").glob(f"{prefix}_*.safetensors"))[-1])
+
+
+def test_embed_blend_save_load_and_conditioning_nodes(comfy):
+    g = _embedding_graph("dog.mp3", "dog_only")
+    g["audio2"] = {"class_type": "LoadAudio", "inputs": {"audio": "cat.mp3"}}
+    g["embed2"] = dict(g["embed"], inputs=dict(g["embed"]["inputs"], audio=["audio2", 0]))
+    g["blend"] = {"class_type": "AudioTokenBlend",
+                  "inputs": {"embedding_1": ["embed", 0], "weight_1": 3.0, "embedding_2": ["embed2", 0],
+                             "weight_2": 1.0, "normalize": True}}
+    g["saveblend"] = {"class_type": "AudioTokenSaveEmbedding",
+                      "inputs": {"audio_embedding": ["blend", 0], "filename_prefix": "emb/blend"}}
+    g["savecat"] = {"class_type": "AudioTokenSaveEmbedding",
+                    "inputs": {"audio_embedding": ["embed2", 0], "filename_prefix": "emb/cat_only"}}
+    g["cond"] = {"class_type": "AudioTokenConditioning",
+                 "inputs": {"clip": ["ckpt", 1], "audio_embedding": ["embed", 0], "text": "a photo of <audio>",
+                            "placeholder": "<audio>"}}
+    g["savecond"] = {"class_type": "AudioTokenTest_SaveConditioning",
+                     "inputs": {"conditioning": ["cond", 0], "filename": "two_step"}}
+    _ok(comfy.run(g))
+    dog, cat, blend = (_latest_embedding(comfy, p).vectors["l"] for p in ("dog_only", "cat_only", "blend"))
+    assert torch.allclose(blend, 0.75 * dog + 0.25 * cat, atol=1e-6)
+    # Embed + Conditioning gives exactly what the all-in-one Encode node gives.
+    _ok(comfy.run(graph(save="one_step")))
+    assert torch.equal(_cond(comfy, "two_step")["0.cond"], _cond(comfy, "one_step")["0.cond"])
+
+    # A saved embedding, copied to input/, loads back and conditions identically.
+    saved = sorted((comfy.base / "output" / "emb").glob("dog_only_*.safetensors"))[-1]
+    (comfy.base / "input" / "audiotoken_embeddings").mkdir(exist_ok=True)
+    (comfy.base / "input" / "audiotoken_embeddings" / "dog.safetensors").write_bytes(saved.read_bytes())
+    loaded = {
+        "ckpt": g["ckpt"],
+        "load": {"class_type": "AudioTokenLoadEmbedding", "inputs": {"embedding_name": "dog.safetensors"}},
+        "cond": dict(g["cond"], inputs=dict(g["cond"]["inputs"], audio_embedding=["load", 0])),
+        "savecond": {"class_type": "AudioTokenTest_SaveConditioning",
+                     "inputs": {"conditioning": ["cond", 0], "filename": "from_file"}},
+    }
+    _ok(comfy.run(loaded))
+    assert torch.equal(_cond(comfy, "from_file")["0.cond"], _cond(comfy, "one_step")["0.cond"])
+    status, body = comfy.queue(dict(loaded, load={"class_type": "AudioTokenLoadEmbedding",
+                                                  "inputs": {"embedding_name": "../../secret.safetensors"}}))
+    assert status == 400 and "load" in body["node_errors"]
+
+
+def test_import_reference_node_converts_the_released_format(comfy):
+    from audiotoken_core.embedder import Embedder, EmbedderConfig
+    from audiotoken_core.token_file import load_audiotoken
+
+    torch.manual_seed(5)
+    reference = Embedder(EmbedderConfig(input_dim=2304, output_dim=768))
+    torch.save(reference.state_dict(), comfy.base / "models" / "audiotoken" / "embedder_learned_embeds.bin")
+    entry = _ok(comfy.run({"imp": {"class_type": "AudioTokenImportReference",
+                                   "inputs": {"reference_file": "embedder_learned_embeds.bin",
+                                              "output_name": "imported_reference"}}}))
+    assert entry["outputs"]["imp"]
+    token = load_audiotoken(comfy.base / "models" / "audiotoken" / "imported_reference.safetensors")
+    assert token.widths == {"l": 768} and token.encoder["layers"] == [4, 8, 12]
+    features = torch.randn(1, 20, 2304)
+    with torch.no_grad():
+        assert torch.allclose(token.embedders["l"](features), reference.eval()(features), atol=1e-6)
+    info = comfy.get("/object_info/AudioTokenLoader")
+    assert "imported_reference.safetensors" in str(info)
+
+
+def test_example_workflows_validate_and_run(comfy):
+    """Every workflow in workflows/ fits the server's /object_info and runs on the small models."""
+    import json
+
+    from tools.workflow_api import convert
+
+    info = comfy.get("/object_info")
+    files = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
+    assert files
+    overrides = {"CheckpointLoaderSimple": {"ckpt_name": CKPT}, "AudioTokenEncoderLoader": {"encoder_name": BEATS},
+                 "AudioTokenLoader": {"audiotoken_name": TOKEN_SD15}, "LoadAudio": {"audio": "dog.mp3"},
+                 "KSampler": {"steps": 2}, "EmptyLatentImage": {"width": 64, "height": 64}}
+    for path in files:
+        workflow = json.loads(path.read_text())
+        assert any(n["type"] in ("Note", "MarkdownNote") for n in workflow["nodes"]), f"{path.name} has no note"
+        prompt, problems = convert(workflow, info, overrides)
+        assert not problems, f"{path.name}: {problems}"
+        entry = _ok(comfy.run(prompt))
+        images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+        assert images, f"{path.name} produced no image"

@@ -36,8 +36,13 @@ def _has_control_widget(name: str, spec: list) -> bool:
     return spec[0] == "INT" and (opts.get("control_after_generate") or name in SEED_NAMES)
 
 
-def convert(workflow: dict, object_info: dict) -> tuple[dict, list[str]]:
-    """(API prompt, problems). Problems name the node and what is wrong; empty when valid."""
+def convert(workflow: dict, object_info: dict, overrides: dict[str, dict] | None = None) -> tuple[dict, list[str]]:
+    """(API prompt, problems). Problems name the node and what is wrong; empty when valid.
+
+    `overrides` maps a node type to widget values to use instead of the saved ones (the
+    model files and audio a given machine has), applied before validation.
+    """
+    overrides = overrides or {}
     problems: list[str] = []
     links = {link[0]: link for link in workflow.get("links", [])}
     nodes = {n["id"]: n for n in workflow["nodes"]}
@@ -64,6 +69,7 @@ def convert(workflow: dict, object_info: dict) -> tuple[dict, list[str]]:
                     value = values.pop(0)
                     if _has_control_widget(name, spec) and values:
                         values.pop(0)
+                value = overrides.get(kind, {}).get(name, value)
                 if name not in linked and value is not None:
                     problems += _check_value(where, name, spec, value)
                     inputs[name] = value
