@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .audio import TARGET_SAMPLE_RATE
 from .encoders import AudioEncoder, EncoderSpec, resolve_layers
 from .fbank import kaldi_fbank
 
@@ -46,7 +47,7 @@ HF_MODEL_TYPES = {"audio-spectrogram-transformer": "ast", "wav2vec2": "wav2vec2"
 AST_DEFAULT_MEAN = -4.2677393
 AST_DEFAULT_STD = 4.5689974
 _W2V_NORM_EPS = 1e-7  # Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
-_SAMPLE_RATE = 16000
+
 # Keys a base model may lack in a checkpoint without changing inference (training-only).
 _OPTIONAL_KEYS = ("masked_spec_embed",)
 
@@ -65,7 +66,7 @@ def ast_features(
     do_normalize: bool = True,
 ) -> Tensor:
     """ASTFeatureExtractor in torch: [B, T] 16 kHz in [-1, 1] -> [B, max_length, num_mel_bins] float32."""
-    fbank = kaldi_fbank(wave16, sample_rate=_SAMPLE_RATE, num_mel_bins=num_mel_bins, window_type="hanning", dither=0.0)
+    fbank = kaldi_fbank(wave16, sample_rate=TARGET_SAMPLE_RATE, num_mel_bins=num_mel_bins, window_type="hanning", dither=0.0)
     frames = fbank.shape[1]
     if frames < max_length:
         fbank = F.pad(fbank, (0, 0, 0, max_length - frames))  # zeros, padded before normalising
@@ -244,8 +245,8 @@ class HFAudioEncoder(AudioEncoder):
         pre: dict[str, Any] = {}
         if (folder / "preprocessor_config.json").is_file():
             pre = _read_json(folder / "preprocessor_config.json")
-        rate = pre.get("sampling_rate", _SAMPLE_RATE)
-        if rate != _SAMPLE_RATE:
+        rate = pre.get("sampling_rate", TARGET_SAMPLE_RATE)
+        if rate != TARGET_SAMPLE_RATE:
             raise HFEncoderFileError(
                 f"{folder.name}: preprocessor_config.json says sampling_rate={rate}; only 16 kHz encoders are supported"
             )

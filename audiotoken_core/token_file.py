@@ -36,7 +36,10 @@ from .embedder import (
     reference_state_dict_shapes,
     state_dict_problems,
 )
+from .audio import TARGET_SAMPLE_RATE
+from .beats import BEATsConfig
 from .embedding import AudioEmbedding
+from .encoders import DEFAULT_BEATS_LAYERS
 
 __all__ = [
     "AudioToken",
@@ -59,9 +62,9 @@ MODELS_FOLDER_HINT = "models/audiotoken"
 # The reference setup: BEATs (iter3+, AS2M fine-tuned), layers 4, 8, 12 concatenated.
 DEFAULT_ENCODER: dict[str, Any] = {
     "kind": "beats",
-    "layers": [4, 8, 12],
-    "hidden_size": 768,
-    "sample_rate": 16000,
+    "layers": list(DEFAULT_BEATS_LAYERS),
+    "hidden_size": BEATsConfig().encoder_embed_dim,
+    "sample_rate": TARGET_SAMPLE_RATE,
 }
 # Text-encoder key served by a reference Embedder of a given output width.
 REFERENCE_KEY_BY_WIDTH = {768: "l", 1024: "h", 1280: "g"}

@@ -94,7 +94,7 @@ class AudioEncoderLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, encoder_name=None, **_):
+    def validate_inputs(cls, encoder_name=None):
         return mf.missing_file_message(mf.AUDIO_ENCODER_FOLDER, encoder_name, ENCODER_SUFFIXES) or True
 
     @classmethod
@@ -129,7 +129,7 @@ class AudioTokenLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, audiotoken_name=None, **_):
+    def validate_inputs(cls, audiotoken_name=None):
         return mf.missing_file_message(mf.AUDIOTOKEN_FOLDER, audiotoken_name, TOKEN_SUFFIXES) or True
 
     @classmethod
@@ -196,7 +196,7 @@ class AudioTokenConditioning(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, placeholder=None, **_):
+    def validate_inputs(cls, text=None, placeholder=None):
         if isinstance(text, str) and isinstance(placeholder, str):
             return check_prompt(text, placeholder) or True
         return True
@@ -227,7 +227,7 @@ class AudioTokenEncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, placeholder=None, **_):
+    def validate_inputs(cls, text=None, placeholder=None):
         return AudioTokenConditioning.validate_inputs(text=text, placeholder=placeholder)
 
     @classmethod
@@ -308,7 +308,7 @@ class AudioTokenLoadEmbedding(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, embedding_name=None, **_):
+    def validate_inputs(cls, embedding_name=None):
         if isinstance(embedding_name, str) and embedding_name not in _input_embeddings():
             return (f"'{embedding_name}' is not a .safetensors file in input/{EMBEDDING_SUBFOLDER}; "
                     f"copy a file saved by 'AudioToken Save Embedding' there and refresh.")
@@ -349,7 +349,7 @@ class AudioTokenImportReference(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, reference_file=None, **_):
+    def validate_inputs(cls, reference_file=None):
         return mf.missing_file_message(mf.AUDIOTOKEN_FOLDER, reference_file, REFERENCE_SUFFIXES) or True
 
     @classmethod

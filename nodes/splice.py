@@ -56,60 +56,74 @@ def check_prompt(text: str, placeholder: str) -> str | None:
     return None
 
 
-def _placeholder_ids(clip, placeholder: str) -> dict[str, list[int]]:
-    """The token ids of the placeholder word for each text encoder."""
+# One-token words used to stand in for the placeholder while ComfyUI tokenizes the prompt
+# (rare in prompts; the first one that the prompt does not already use is taken).
+_STAND_INS = ("sks", "ohwx", "bbq", "ufo", "tok")
+
+
+def _is_token_id(token) -> bool:
+    return isinstance(token, numbers.Integral)
+
+
+def _stand_in_ids(clip, word: str) -> dict[str, int] | None:
+    """The token id of `word` for each text encoder, or None where it is not exactly one token."""
     ids = {}
-    for key, chunks in clip.tokenize(placeholder, return_word_ids=True).items():
-        ids[key] = [int(t) for t, _, word in chunks[0] if word != 0]
-        if not ids[key]:
-            raise PromptError(f"The placeholder '{placeholder}' tokenizes to nothing; choose a visible word such as <audio>.")
+    for key, chunks in clip.tokenize(word, return_word_ids=True).items():
+        run = [int(t) for t, _, w in chunks[0] if w != 0 and _is_token_id(t)]
+        if len(run) != 1:
+            return None
+        ids[key] = run[0]
     return ids
-
-
-def _splice_chunk(chunk: list, run: list[int], vector: torch.Tensor, pad) -> tuple[list, int]:
-    """Replace each occurrence of `run` (same word) by one vector entry; pad at the end."""
-    out, found, i = [], 0, 0
-    n = len(run)
-    while i < len(chunk):
-        window = chunk[i:i + n]
-        if (len(window) == n and all(isinstance(e[0], numbers.Integral) and int(e[0]) == r for e, r in zip(window, run))
-                and len({e[2] for e in window}) == 1):
-            _, weight, word = window[0]
-            out.append((vector, weight, word))
-            found += 1
-            i += n
-        else:
-            out.append(chunk[i])
-            i += 1
-    out.extend([pad] * (len(chunk) - len(out)))
-    return out, found
 
 
 def splice_tokens(clip, text: str, placeholder: str, vectors: dict[str, torch.Tensor]) -> dict:
     """Tokenize `text` and put `vectors[key]` (each [D]) at every placeholder occurrence."""
+    return _put_vectors(*_stand_in_tokens(clip, text, placeholder), vectors)
+
+
+def _stand_in_tokens(clip, text: str, placeholder: str) -> tuple[dict, dict[str, int]]:
+    """The prompt tokenized with the placeholder written as a one-token stand-in word, and its ids.
+
+    The placeholder is several BPE tokens but the vector is ONE word embedding. With a one-token
+    stand-in, ComfyUI chunks, ends and pads the prompt exactly as for a one-token word (classic
+    textual inversion): a placeholder at a chunk boundary stays in one piece, every chunk keeps
+    its length, its end token and its encoder's own pad token.
+    """
     problem = check_prompt(text, placeholder)
     if problem:
         raise PromptError(problem)
     expected = text.count(placeholder)
-    # Spaces around the placeholder make it a word of its own ("<audio>," would merge with the comma).
-    tokens = clip.tokenize(text.replace(placeholder, f" {placeholder} "), return_word_ids=True)
-    run_ids = _placeholder_ids(clip, placeholder)
-    out = {}
-    for key, chunks in tokens.items():
-        pad = chunks[0][-1]  # every SD tokenizer pads its chunks to full length with its pad token
-        pad = (pad[0], 1.0, 0)
-        spliced, found = [], 0
-        for chunk in chunks:
-            new_chunk, n = _splice_chunk(chunk, run_ids[key], vectors[key], pad)
-            spliced.append(new_chunk)
-            found += n
-        if found != expected:
+    for word in _STAND_INS:
+        ids = _stand_in_ids(clip, word)
+        if ids is None:
+            continue
+        # Spaces around the stand-in make it a word of its own ("<audio>," -> " sks ,").
+        tokens = clip.tokenize(text.replace(placeholder, f" {word} "), return_word_ids=True)
+        counts = {key: sum(1 for chunk in chunks for t, _, _ in chunk if _is_token_id(t) and int(t) == ids[key])
+                  for key, chunks in tokens.items()}
+        if any(n > expected for n in counts.values()):
+            continue  # the prompt itself uses this word: take the next stand-in
+        missing = sorted(key for key, n in counts.items() if n != expected)
+        if missing:
             raise PromptError(
-                f"Found the placeholder '{placeholder}' {found} times in the tokens of text encoder '{key}' "
-                f"but {expected} times in the prompt. Keep it a separate word, e.g. 'a photo of {placeholder}, at night'."
+                f"Found the placeholder '{placeholder}' {counts[missing[0]]} times in the tokens of text encoder "
+                f"'{missing[0]}' but {expected} times in the prompt. Keep it a separate word, "
+                f"e.g. 'a photo of {placeholder}, at night'."
             )
-        out[key] = spliced
-    return out
+        return tokens, ids
+    raise PromptError(
+        f"The prompt already uses every stand-in word {list(_STAND_INS)} that AudioToken needs while it "
+        f"places '{placeholder}'; remove one of them from the prompt."
+    )
+
+
+def _put_vectors(tokens: dict, ids: dict[str, int], vectors: dict[str, torch.Tensor]) -> dict:
+    """Replace each stand-in entry by the vector of its text encoder, keeping weight and word id."""
+    return {
+        key: [[(vectors[key], weight, w) if _is_token_id(t) and int(t) == ids[key] else (t, weight, w)
+               for t, weight, w in chunk] for chunk in chunks]
+        for key, chunks in tokens.items()
+    }
 
 
 def check_vector_widths(vectors: dict[str, torch.Tensor], widths: dict[str, int], what: str) -> None:
@@ -136,13 +150,16 @@ def encode_with_vectors(clip, text: str, placeholder: str, vectors: dict[str, to
     """CONDITIONING for a batch: item b uses `vectors[key][b]`; conds are concatenated on batch."""
     widths = clip_widths(clip)
     check_vector_widths(vectors, widths, what)
+    if any(v.dim() != 2 for v in vectors.values()):
+        raise PromptError(f"{what} must hold [batch, width] vectors; got shapes "
+                          f"{ {k: tuple(v.shape) for k, v in vectors.items()} }.")
     batch = {int(v.shape[0]) for v in vectors.values()}
     if len(batch) != 1:
         raise PromptError(f"{what} has different batch sizes per text encoder: {sorted(batch)}.")
+    tokens, ids = _stand_in_tokens(clip, text, placeholder)
     items = []
     for b in range(batch.pop()):
-        tokens = splice_tokens(clip, text, placeholder, {k: vectors[k][b] for k in widths})
-        items.append(clip.encode_from_tokens_scheduled(tokens))
+        items.append(clip.encode_from_tokens_scheduled(_put_vectors(tokens, ids, {k: vectors[k][b] for k in widths})))
     return _concat_conditioning(items)
 
 

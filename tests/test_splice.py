@@ -415,3 +415,36 @@ def test_token_structure_matches_comfyui(clips, family, text):
         assert ["VECTOR" if torch.is_tensor(t) else int(t) for t in ours] == expected
     got = splice.encode_with_vectors(clip, text, PH, vectors, "test")
     assert cond_and_pooled(got)[0].shape[1] == 77 * len(own[next(iter(own))])
+
+
+def test_chunk_count_follows_the_one_token_word(clips, ref_clips):
+    """73 words + the 3-token placeholder overflow one chunk in ComfyUI's own tokenize, but the
+    vector is ONE token: like the textual-inversion word, the prompt fits one chunk."""
+    clip = clips["sd1"]
+    text = " ".join(["red"] * 73) + f" {PH}"
+    vectors = random_vectors("sd1")
+    assert len(clip.tokenize(text)["l"]) == 2
+    tokens = splice.splice_tokens(clip, text, PH, {"l": vectors["l"][0]})
+    assert len(tokens["l"]) == 1
+    assert assert_chunk_layout(tokens["l"][0], END) == 75
+    got = splice.encode_with_vectors(clip, text, PH, vectors, "test")
+    assert_same_conditioning(got, reference_encode(ref_clips["sd1"], text, {"l": vectors["l"][0]}))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_prompt_using_rare_words_is_left_alone(clips, ref_clips, family):
+    """Words the splice may use internally (e.g. 'sks', 'ohwx') stay ordinary words of the prompt."""
+    clip = clips[family]
+    text = f"sks ohwx photo of {PH}, sks style"
+    vectors = random_vectors(family)
+    got = splice.encode_with_vectors(clip, text, PH, vectors, "test")
+    want = reference_encode(ref_clips[family], text, {k: v[0] for k, v in vectors.items()})
+    assert_same_conditioning(got, want)
+    tokens = splice.splice_tokens(clip, text, PH, {k: v[0] for k, v in vectors.items()})
+    own = clip.tokenize(text.replace(PH, ""))
+    for key, pad in FAMILIES[family][2].items():
+        specials = (START, END, pad)
+        ids = [int(t) for t, _, _ in tokens[key][0] if is_int(t) and int(t) not in specials]
+        assert ids == [int(t) for t, _ in own[key][0] if int(t) not in specials]
+        assert len(ids) == 7  # sks ohwx photo of , sks style: the prompt's own words are all there
+        assert len(vector_entries(tokens, key)) == 1
