@@ -129,7 +129,9 @@ class AudioTokenLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, audiotoken_name=None):
+    def validate_inputs(cls, audiotoken_name=None, pooling=None):
+        if isinstance(pooling, str) and pooling not in POOLING_MODES:  # ComfyUI 0.3.75 skips V3 combo checks
+            return f"pooling '{pooling}' is not one of {POOLING_MODES}."
         return mf.missing_file_message(mf.AUDIOTOKEN_FOLDER, audiotoken_name, TOKEN_SUFFIXES) or True
 
     @classmethod

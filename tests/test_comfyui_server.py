@@ -164,6 +164,14 @@ def test_bad_inputs_give_readable_errors(comfy, kwargs, expected):
     assert comfy.get("/system_stats")
 
 
+def test_out_of_range_widget_values_are_rejected_before_running(comfy):
+    g = graph()
+    g["encode"]["inputs"]["window_seconds"] = 0.01
+    g["tok"]["inputs"]["pooling"] = "bogus"
+    status, body = comfy.queue(g)
+    assert status == 400 and {"encode", "tok"} <= set(body["node_errors"]), body
+
+
 def test_missing_model_file_is_rejected_before_running(comfy):
     status, body = comfy.queue(graph(token="does_not_exist.safetensors"))
     assert status == 400 and "tok" in body["node_errors"]

@@ -58,7 +58,8 @@ class ComfyServer:
         args = [sys.executable, str(self.root / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                 "--base-directory", str(self.base), "--input-directory", str(self.base / "input"),
                 "--output-directory", str(self.base / "output"), "--temp-directory", str(self.base / "temp"),
-                "--disable-api-nodes", "--disable-auto-launch"]
+                "--disable-api-nodes", "--disable-auto-launch",
+                "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}"]
         if front_end_root is None:
             front_end_root = self.base / "no_frontend"
             front_end_root.mkdir(exist_ok=True)
