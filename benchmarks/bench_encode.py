@@ -14,7 +14,6 @@ Usage: .venv/bin/python benchmarks/bench_encode.py [--size 256] [--repeats 5] [-
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -28,7 +27,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from tools.comfy_root import import_comfy  # noqa: E402
+from tools.comfy_root import import_comfy, import_pack  # noqa: E402
 
 PROMPT = "a photo of <audio>, 4k, high resolution"
 
@@ -46,16 +45,6 @@ def _timed(fn, repeats: int) -> tuple[float, float, object]:
     return cold, statistics.median(times), result
 
 
-def _load_pack():
-    """Import this repository as the ComfyUI pack `audiotoken` (as custom_nodes would)."""
-    spec = importlib.util.spec_from_file_location("audiotoken", REPO_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(REPO_ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["audiotoken"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="image size for the KSampler run (512 on a GPU)")
@@ -69,7 +58,7 @@ def main(argv=None) -> dict:
     import comfy.sd
     import nodes as comfy_nodes
 
-    pack = _load_pack()
+    import_pack()
     from audiotoken.audiotoken_core.audio import prepare_waveform
     from audiotoken.audiotoken_core.audio_io import load_audio_file
     from audiotoken.audiotoken_core.embedder import Embedder, EmbedderConfig

@@ -44,3 +44,18 @@ def import_comfy(cpu: bool = True) -> Path:
     if cpu:
         comfy.cli_args.args.cpu = True
     return root
+
+
+def import_pack(name: str = "audiotoken"):
+    """Import this repository as the ComfyUI pack `name`, as custom_nodes would (ComfyUI in-process)."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    import_comfy()
+    repo = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location(name, repo / "__init__.py", submodule_search_locations=[str(repo)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
