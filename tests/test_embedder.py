@@ -289,3 +289,10 @@ def test_gradients_reach_every_parameter():
             assert float(p.grad.abs().max()) < 1e-5, name
         else:
             assert float(p.grad.abs().max()) > 0, name
+
+
+def test_embedder_is_exported_at_package_level():
+    import audiotoken_core
+
+    assert audiotoken_core.Embedder is Embedder
+    assert sum(p.numel() for p in audiotoken_core.Embedder(audiotoken_core.EmbedderConfig(2304, 768)).parameters()) == 8_853_507
