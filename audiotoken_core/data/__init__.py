@@ -1,6 +1,7 @@
 """Training data: example lists (items), the torch Dataset (dataset) and encoder-output caches (cache)."""
 from .cache import CachedFeatures, CacheError, FeatureCache
 from .dataset import DEFAULT_IMAGE_SIZE, AudioImageDataset, collate, seeded_generator
+from .loader import TrainBatches, build_train_batches
 from .items import (
     AUDIO_EXTENSIONS,
     FRAME_MODES,
@@ -22,5 +23,5 @@ __all__ = [
     "PairItem", "PairList", "Problem", "VideoFrame", "DatasetSourceError", "MediaError",
     "pairs_from_folder", "pairs_from_videos", "pairs_from_vggsound_csv",
     "AudioImageDataset", "collate", "seeded_generator",
-    "FeatureCache", "CachedFeatures", "CacheError",
+    "FeatureCache", "CachedFeatures", "CacheError", "TrainBatches", "build_train_batches",
 ]

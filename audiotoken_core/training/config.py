@@ -1,0 +1,157 @@
+"""Training hyper-parameters, with the reference's defaults.
+
+Defaults follow the AudioToken paper and reference code: AdamW (0.9, 0.999), weight
+decay 1e-2, eps 1e-8, base lr 1e-5 scaled by batch x accumulation x GPUs, constant
+schedule, L1 weight 0.01, 5 s audio windows, the prompt "a photo of <placeholder>",
+a checkpoint every 1000 steps, fp32. The classification loss is off by default
+(``lambda_cl = 0``); the paper's "with CL" setting uses ``lambda_cl = 0.01``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+__all__ = ["TrainConfig", "PRECISIONS", "LR_SCHEDULES", "REFERENCE_LAMBDA_CL"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant",)
+REFERENCE_LAMBDA_CL = 0.01  # the paper's weight when the classification loss is on
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run (and goes into the token's metadata).
+
+    ``batch_size`` is the per-process micro-batch; the global batch per optimizer step is
+    ``batch_size * grad_accum * world_size``. With ``scale_lr`` (the reference's
+    default) the AdamW lr is ``base_lr`` times that global batch: 1e-5 * 8 = 8e-5 for
+    the paper's batch 8; the reference README's 4 x 4 gives 1.6e-4.
+
+    ``precision``: "fp32" (reference), "bf16" or "fp16" autocast of the forward; the
+    Embedder keeps fp32 master weights, fp16 adds a gradient scaler.
+    ``save_every``: checkpoint interval in optimizer steps (0 = only at the end / on stop).
+    ``keep_last``: how many step checkpoints to keep on disk (0 = all).
+    ``log_every``: interval of the log lines (the loss history records every step).
+    ``max_grad_norm``: optional gradient clipping (None = off, as in the reference).
+    ``name``: file-name stem of the checkpoints and of the final token.
+    """
+
+    steps: int = 30000
+    batch_size: int = 8
+    grad_accum: int = 1
+    base_lr: float = 1e-5
+    scale_lr: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    lr_schedule: str = "constant"
+    lambda_l1: float = 0.01
+    lambda_cl: float = 0.0
+    window_seconds: float = 5.0
+    prompt: str = "a photo of <audio>"
+    placeholder: str = "<audio>"
+    seed: int = 0
+    precision: str = "fp32"
+    save_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 50
+    max_grad_norm: float | None = None
+    name: str = "audiotoken"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and what it accepts."""
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("save_every", 0),
+                              ("keep_last", 0), ("log_every", 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < minimum:
+                raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {value!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"TrainConfig.seed must be an int, got {self.seed!r}")
+        if not _is_number(self.base_lr) or not 0 < self.base_lr < 1:
+            raise ValueError(f"TrainConfig.base_lr must be a number in (0, 1), got {self.base_lr!r}")
+        if not isinstance(self.scale_lr, bool):
+            raise ValueError(f"TrainConfig.scale_lr must be a bool, got {self.scale_lr!r}")
+        if (
+            not isinstance(self.betas, tuple)
+            or len(self.betas) != 2
+            or not all(_is_number(b) and 0 <= b < 1 for b in self.betas)
+        ):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        for name in ("weight_decay", "lambda_l1", "lambda_cl"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {value!r}")
+        if not _is_number(self.eps) or self.eps <= 0:
+            raise ValueError(f"TrainConfig.eps must be a number > 0, got {self.eps!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"TrainConfig.lr_schedule {self.lr_schedule!r} is not supported; use one of {LR_SCHEDULES}"
+            )
+        if not _is_number(self.window_seconds) or self.window_seconds <= 0:
+            raise ValueError(f"TrainConfig.window_seconds must be > 0, got {self.window_seconds!r}")
+        if not isinstance(self.placeholder, str) or not self.placeholder.strip():
+            raise ValueError(f"TrainConfig.placeholder must be a non-empty string, got {self.placeholder!r}")
+        if not isinstance(self.prompt, str) or self.placeholder not in self.prompt:
+            raise ValueError(
+                f"TrainConfig.prompt {self.prompt!r} must contain the placeholder {self.placeholder!r}, "
+                f"e.g. 'a photo of {self.placeholder}'"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
+            raise ValueError(f"TrainConfig.max_grad_norm must be None or > 0, got {self.max_grad_norm!r}")
+        if (
+            not isinstance(self.name, str)
+            or not self.name
+            or any(c in self.name for c in '/\\:*?"<>|')
+            or self.name.startswith(".")
+        ):
+            raise ValueError(
+                f"TrainConfig.name {self.name!r} must be a plain file-name stem (no path separators), "
+                "e.g. 'dog_bark'"
+            )
+
+    # ------------------------------------------------------------------ derived values
+    def global_batch(self, world_size: int = 1) -> int:
+        """Samples per optimizer step over all processes."""
+        return self.batch_size * self.grad_accum * int(world_size)
+
+    def lr(self, world_size: int = 1) -> float:
+        """The AdamW learning rate: base_lr x global batch when ``scale_lr``, else base_lr."""
+        if self.scale_lr:
+            return float(self.base_lr) * self.global_batch(world_size)
+        return float(self.base_lr)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error (they are usually typos)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"TrainConfig.from_dict expects a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
+        values = dict(data)
+        if "betas" in values and isinstance(values["betas"], list):
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
