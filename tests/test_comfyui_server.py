@@ -30,7 +30,7 @@ def _cond(comfy: ComfyServer, name: str) -> dict[str, torch.Tensor]:
 
 NODE_IDS = ["AudioTokenEncoderLoader", "AudioTokenLoader", "AudioTokenEncode", "AudioTokenEmbedAudio",
             "AudioTokenConditioning", "AudioTokenBlend", "AudioTokenSaveEmbedding", "AudioTokenLoadEmbedding",
-            "AudioTokenImportReference"]
+            "AudioTokenImportReference", "AudioTokenDataset", "AudioTokenTrain"]
 
 
 def test_object_info_lists_every_node_with_descriptions_and_tooltips(comfy):

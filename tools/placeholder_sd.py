@@ -55,22 +55,23 @@ SD15_VAE_CONFIG = {
 
 
 def _init_(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """ComfyUI layers skip weight init (torch.empty): give every tensor a sane random value."""
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        with torch.no_grad():
-            if not torch.is_floating_point(tensor):
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            is_norm = "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight"))
-            if leaf == "bias" or tensor.dim() == 0:
-                tensor.zero_()
-            elif is_norm and tensor.dim() == 1:
-                tensor.fill_(1.0)
-            elif tensor.dim() == 1:
-                tensor.zero_()
-            else:
-                fan_in = max(1, tensor[0].numel())
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in))
+    """ComfyUI layers skip weight init (torch.empty): give every tensor a sane random value.
+
+    Norm layers are found by type (the UNet's GroupNorms are named `in_layers.0` etc.):
+    scale 1, shift 0. Other weights get fan-in scaled noise and biases zero, so the UNet's
+    output really depends on its inputs and on the text.
+    """
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        for sub in module.modules():
+            for name, tensor in sub.named_parameters(recurse=False):
+                if isinstance(sub, norms):
+                    tensor.fill_(1.0 if name == "weight" else 0.0)
+                elif name == "bias" or tensor.dim() <= 1:
+                    tensor.zero_()
+                else:
+                    fan_in = max(1, tensor[0].numel())
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in))
 
 
 def build_sd15_state_dict(unet: str = "tiny", seed: int = 0) -> dict[str, torch.Tensor]:

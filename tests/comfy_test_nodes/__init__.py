@@ -31,3 +31,23 @@ class SaveConditioningForTest:
 
 
 NODE_CLASS_MAPPINGS = {"AudioTokenTest_SaveConditioning": SaveConditioningForTest}
+
+
+class SaveStringForTest:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"forceInput": True}), "filename": ("STRING", {"default": "text"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def save(self, text, filename):
+        path = os.path.join(folder_paths.get_output_directory(), os.path.basename(filename) + ".txt")
+        with open(path, "w") as f:
+            f.write(text)
+        return {"ui": {"text": [path]}}
+
+
+NODE_CLASS_MAPPINGS["AudioTokenTest_SaveString"] = SaveStringForTest

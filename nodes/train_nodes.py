@@ -1,0 +1,223 @@
+"""Training in ComfyUI: a dataset node and a training node around audiotoken_core's Trainer."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+from comfy_api.v0_0_2 import io
+
+from ..audiotoken_core.data import AudioImageDataset, PairList, build_train_batches, pairs_from_folder, pairs_from_videos, pairs_from_vggsound_csv
+from ..audiotoken_core.training.config import TrainConfig
+from ..audiotoken_core.training.trainer import Trainer, latest_checkpoint, new_audiotoken
+from . import model_folders as mf
+from .audiotoken_nodes import AUDIOTOKEN, CATEGORY, DEFAULT_PLACEHOLDER, ENCODER, schema
+from .comfy_backend import ComfyBackend
+from .loss_plot import loss_curve_image
+from .runtime import LoadedAudioToken, LoadedEncoder
+
+DATASET = io.Custom("AUDIOTOKEN_DATASET")
+DATASET_SUBFOLDER = "audiotoken_datasets"
+DATASET_KINDS = ["audio + image pairs", "videos", "vggsound csv"]
+FRAME_CHOICES = ["middle", "random"]
+PRECISIONS = ["fp32", "bf16", "fp16"]
+PROGRESS_EVENT = "audiotoken.train_progress"
+
+
+@dataclass
+class TrainingData:
+    """What flows on an AUDIOTOKEN_DATASET socket."""
+
+    items: PairList
+    name: str
+    image_size: tuple[int, int]
+
+
+def _dataset_root() -> str:
+    return os.path.join(folder_paths.get_input_directory(), DATASET_SUBFOLDER)
+
+
+def _dataset_folders() -> list[str]:
+    root = _dataset_root()
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def _inside(base: str, name: str) -> str:
+    base = os.path.realpath(base)
+    path = os.path.realpath(os.path.join(base, name))
+    if os.path.commonpath([base, path]) != base:
+        raise ValueError(f"'{name}' points outside {base}; use a path inside it.")
+    return path
+
+
+class AudioTokenDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="AudioTokenDataset",
+            display_name="AudioToken Training Data",
+            category=CATEGORY,
+            description=f"Collects training pairs from a folder in input/{DATASET_SUBFOLDER}: audio + image files matched by "
+                        "name (labels from subfolders or labels.csv), videos (audio track + a frame inside the audio window), "
+                        "or a VGGSound-style CSV. Bad files are skipped and listed, never fatal.",
+            inputs=[
+                io.Combo.Input("folder", options=_dataset_folders(),
+                               tooltip=f"A folder inside input/{DATASET_SUBFOLDER}."),
+                io.Combo.Input("kind", options=DATASET_KINDS, default=DATASET_KINDS[0],
+                               tooltip="How the folder is laid out."),
+                io.String.Input("csv_name", default="",
+                                tooltip="For 'vggsound csv': the CSV file inside the folder (ytid,start,label,split). "
+                                        "For pairs: an optional labels CSV (file,label). Empty = none."),
+                io.Combo.Input("frame", options=FRAME_CHOICES, default="middle",
+                               tooltip="For videos: the frame from the middle of the audio window, or a random one inside it."),
+                io.Int.Input("image_width", default=512, min=64, max=2048, step=8,
+                             tooltip="Training image width (the reference uses 512 x 320)."),
+                io.Int.Input("image_height", default=320, min=64, max=2048, step=8, tooltip="Training image height."),
+                io.Boolean.Input("check_files", default=True,
+                                 tooltip="Decode every example once now, so broken files are listed in the report before "
+                                         "training (costs one pass over the data; turn off for very large sets)."),
+            ],
+            outputs=[DATASET.Output(display_name="dataset", tooltip="The training pairs."),
+                     io.String.Output(display_name="report", tooltip="How many pairs were found and which files were skipped.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, folder=None):
+        if isinstance(folder, str) and folder not in _dataset_folders():
+            return f"'{folder}' is not a folder in input/{DATASET_SUBFOLDER}; create it there and refresh."
+        return True
+
+    @classmethod
+    def execute(cls, folder, kind, csv_name, frame, image_width, image_height, check_files=True) -> io.NodeOutput:
+        root = _inside(_dataset_root(), folder)
+        csv_path = _inside(root, csv_name.strip()) if csv_name.strip() else None
+        if kind == "audio + image pairs":
+            items = pairs_from_folder(root, labels_csv=csv_path)
+        elif kind == "videos":
+            items = pairs_from_videos(root, frame=frame)
+        else:
+            if csv_path is None:
+                raise ValueError("'vggsound csv' needs csv_name: the CSV file inside the folder.")
+            items = pairs_from_vggsound_csv(csv_path, root, frame=frame)
+        if check_files and items:
+            checked = AudioImageDataset(items, image_size=(image_width, image_height))
+            bad = checked.scan()
+            items = PairList(checked.items, problems=[*items.problems, *bad])
+        if not items:
+            raise ValueError(f"No usable training pairs in {root} as '{kind}'. "
+                             + (f"Skipped: {items.problems[:5]}" if items.problems else "Check the layout in the README."))
+        report = f"{len(items)} pairs in '{folder}'"
+        if items.problems:
+            report += f"; {len(items.problems)} files skipped:\n" + "\n".join(
+                f"  {p.file}: {p.reason}" for p in items.problems[:50])
+        return io.NodeOutput(TrainingData(items=items, name=folder, image_size=(image_width, image_height)), report)
+
+
+class AudioTokenTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="AudioTokenTrain",
+            display_name="Train AudioToken",
+            category=CATEGORY,
+            description="Trains a new AudioToken (only the Embedder learns; the checkpoint, CLIP, VAE and audio encoder stay "
+                        "frozen and unchanged) with the paper's loss: denoising + L1 (+ optional classification loss). "
+                        "Writes models/audiotoken/<name>.safetensors and checkpoints you can resume; Cancel stops cleanly "
+                        "and saves a checkpoint.",
+            search_aliases=["train audiotoken", "audio embedder training"],
+            inputs=[
+                io.Model.Input("model", tooltip="MODEL from your checkpoint loader (SD1.x, SD2.x or SDXL)."),
+                io.Clip.Input("clip", tooltip="CLIP from the same checkpoint."),
+                io.Vae.Input("vae", tooltip="VAE from the same checkpoint (encodes the training images)."),
+                ENCODER.Input("audio_encoder", tooltip="The frozen audio encoder (BEATs by default)."),
+                DATASET.Input("dataset", tooltip="From 'AudioToken Training Data'."),
+                io.String.Input("name", default="my_audiotoken", tooltip="File name of the trained AudioToken."),
+                io.Int.Input("steps", default=2000, min=1, max=1_000_000,
+                             tooltip="Optimizer steps (the paper trains 30k-60k at batch 8)."),
+                io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1e-2, step=1e-6,
+                               tooltip="Base learning rate; multiplied by batch x accumulation like the reference (1e-5 x 8 = 8e-5)."),
+                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Examples per step."),
+                io.Int.Input("grad_accum", default=1, min=1, max=256, tooltip="Micro-batches per optimizer step."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Same seed, same data order, same weights."),
+                io.Float.Input("lambda_l1", default=0.01, min=0.0, max=10.0, step=0.001,
+                               tooltip="Weight of the L1 penalty on the audio vector (paper: 0.01)."),
+                io.Float.Input("lambda_cl", default=0.0, min=0.0, max=10.0, step=0.001,
+                               tooltip="Weight of the classification loss against the label's word embedding (paper: 0.01 when on)."),
+                io.Int.Input("save_every", default=500, min=1, max=1_000_000, tooltip="Checkpoint interval in steps."),
+                io.Boolean.Input("resume", default=True,
+                                 tooltip="Continue from the latest checkpoint of this name when there is one."),
+                io.Combo.Input("precision", options=PRECISIONS, default="fp32",
+                               tooltip="fp32 (reference), or bf16/fp16 autocast with fp32 master weights for the Embedder."),
+                io.Boolean.Input("cache_features", default=True,
+                                 tooltip="Run the audio encoder and the VAE once per file and keep their outputs on disk "
+                                         "(temp/audiotoken_cache), so later epochs and runs skip them."),
+            ],
+            outputs=[AUDIOTOKEN.Output(display_name="audiotoken", tooltip="The trained AudioToken, ready for the encode node."),
+                     io.Image.Output(display_name="loss_curve", tooltip="Loss per step.")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, audio_encoder: LoadedEncoder, dataset: TrainingData, name, steps, learning_rate,
+                batch_size, grad_accum, seed, lambda_l1, lambda_cl, save_every, resume, precision,
+                cache_features) -> io.NodeOutput:
+        name = os.path.basename(name.strip()) or "my_audiotoken"
+        models_dir = folder_paths.get_folder_paths(mf.AUDIOTOKEN_FOLDER)[0]
+        run_dir = os.path.join(models_dir, f"{name}_checkpoints")
+        config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, base_lr=learning_rate, seed=seed,
+                             lambda_l1=lambda_l1, lambda_cl=lambda_cl, save_every=save_every, precision=precision,
+                             name=name, placeholder=DEFAULT_PLACEHOLDER, prompt=f"a photo of {DEFAULT_PLACEHOLDER}")
+        encoder = audio_encoder.encoder
+        with ComfyBackend(model, clip, vae) as backend:
+            mm.load_models_gpu([audio_encoder.patcher])
+            device = audio_encoder.patcher.load_device
+            cache_dir = os.path.join(folder_paths.get_temp_directory(), "audiotoken_cache", dataset.name) \
+                if cache_features else None
+            batches = build_train_batches(
+                dataset.items, batch_size=batch_size, seed=seed, image_size=dataset.image_size,
+                encode_audio=lambda w: encoder(w.to(device)).float().cpu(),
+                encode_images=lambda x: backend.encode_images(x).float().cpu(),
+                cache_dir=cache_dir,
+                cache_settings={"encoder": audio_encoder.name, "spec": encoder.spec.to_dict(),
+                                "vae": type(vae.first_stage_model).__name__, "model": type(model.model).__name__})
+            token = new_audiotoken(backend.widths, encoder.spec, seed=seed, placeholder=DEFAULT_PLACEHOLDER,
+                                   description=f"trained on '{dataset.name}' ({len(dataset.items)} pairs)")
+            trainer = Trainer(config, backend, token, encoder, batches, run_dir, device=device)
+            if resume and latest_checkpoint(run_dir) is not None:
+                trainer.resume(run_dir)
+            pbar = comfy.utils.ProgressBar(steps)
+            unique_id = cls.hidden.unique_id if cls.hidden is not None else None
+
+            def progress(step: int, info: dict) -> None:
+                pbar.update_absolute(step, steps)
+                _send_progress(unique_id, step, steps, info)
+
+            summary = trainer.run(progress=progress, should_stop=mm.processing_interrupted)
+        final = os.path.join(models_dir, f"{name}.safetensors")
+        source = summary.final or summary.checkpoint
+        if source is not None:
+            shutil.copyfile(source, final)
+        losses = [h["loss"] for h in summary.history]
+        image = loss_curve_image(losses, title=f"{name}: {summary.status} at step {summary.step}/{steps}")
+        token.eval()
+        return io.NodeOutput(LoadedAudioToken(token=token, encoder=audio_encoder, name=f"{name}.safetensors"), image)
+
+
+def _send_progress(unique_id, step: int, steps: int, info: dict) -> None:
+    """Loss points for the frontend's live chart (web/); harmless when no browser listens."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if PromptServer.instance is not None:
+        PromptServer.instance.send_sync(PROGRESS_EVENT, {"node": unique_id, "step": step, "steps": steps,
+                                                         "loss": info.get("loss"), "diffusion": info.get("diffusion")})
+
+
+NODES = [AudioTokenDataset, AudioTokenTrain]
