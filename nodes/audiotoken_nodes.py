@@ -318,9 +318,9 @@ class AudioTokenLoadEmbedding(io.ComfyNode):
 
     @classmethod
     def execute(cls, embedding_name) -> io.NodeOutput:
-        base = os.path.realpath(os.path.join(folder_paths.get_input_directory(), EMBEDDING_SUBFOLDER))
-        path = os.path.realpath(os.path.join(base, embedding_name))
-        if os.path.commonpath([base, path]) != base or not os.path.isfile(path):
+        base = os.path.join(folder_paths.get_input_directory(), EMBEDDING_SUBFOLDER)
+        path = mf.path_inside(base, embedding_name, "Embedding")
+        if not os.path.isfile(path):
             raise FileNotFoundError(f"Embedding '{embedding_name}' is not a file in input/{EMBEDDING_SUBFOLDER}; "
                                     f"copy it there and refresh.")
         return io.NodeOutput(load_embedding(path))

@@ -47,3 +47,12 @@ def missing_file_message(folder: str, name, suffixes: tuple[str, ...]) -> str | 
     places = ", ".join(folder_paths.get_folder_paths(folder)) or f"models/{folder}"
     return (f"'{name}' is not among the {'/'.join(suffixes)} files in the '{folder}' folders ({places}). "
             f"Put the file there, press 'r' to refresh, and pick it from the list.")
+
+
+def path_inside(base: str, name: str, what: str) -> str:
+    """`base/name` resolved, refusing names that point outside `base` (UI values are untrusted)."""
+    base = os.path.realpath(base)
+    path = os.path.realpath(os.path.join(base, name))
+    if os.path.commonpath([base, path]) != base:
+        raise ValueError(f"{what} '{name}' points outside {base}; pick a file inside that folder.")
+    return path

@@ -47,14 +47,6 @@ def _dataset_folders() -> list[str]:
     return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
 
 
-def _inside(base: str, name: str) -> str:
-    base = os.path.realpath(base)
-    path = os.path.realpath(os.path.join(base, name))
-    if os.path.commonpath([base, path]) != base:
-        raise ValueError(f"'{name}' points outside {base}; use a path inside it.")
-    return path
-
-
 class AudioTokenDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -94,8 +86,8 @@ class AudioTokenDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder, kind, csv_name, frame, image_width, image_height, check_files=True) -> io.NodeOutput:
-        root = _inside(_dataset_root(), folder)
-        csv_path = _inside(root, csv_name.strip()) if csv_name.strip() else None
+        root = mf.path_inside(_dataset_root(), folder, "Dataset folder")
+        csv_path = mf.path_inside(root, csv_name.strip(), "CSV file") if csv_name.strip() else None
         if kind == "audio + image pairs":
             items = pairs_from_folder(root, labels_csv=csv_path)
         elif kind == "videos":

@@ -10,9 +10,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from audio_files import write_wav
 from audiotoken_core.embedder import Embedder, EmbedderConfig
 from audiotoken_core.token_file import AudioToken, save_audiotoken
 from tools.comfy_server import ComfyServer
@@ -61,28 +63,12 @@ def comfy(tmp_path_factory, cc0_recordings):
         _sox("-n", "-r", "22050", "-c", "1", str(inp / "blip_50ms.wav"), "synth", "0.05", "sine", "1000")
         _sox("-n", "-r", "16000", "-c", "1", str(inp / "silence.wav"), "trim", "0", "3")
         _sox("-n", "-r", "8000", "-c", "1", str(inp / "one_hour.wav"), "synth", "3600", "brownnoise", "vol", "0.1")
-        _write_nan_wav(inp / "nan.wav")
+        write_wav(inp / "nan.wav", np.full(16000, np.nan), codec="pcm_f32le")  # float WAVs can hold NaN
         (inp / "corrupt.mp3").write_bytes(next(p for p in cc0_recordings if p.name == "dog.mp3").read_bytes()[:300])
         server.wait_ready()
         yield server
     finally:
         server.stop()
-
-
-def _write_nan_wav(path: Path) -> None:
-    """A float32 WAV whose samples are NaN (possible in the format; some tools write them)."""
-    import av
-    import numpy as np
-
-    samples = np.full((1, 16000), np.nan, dtype=np.float32)
-    with av.open(str(path), "w", format="wav") as container:
-        stream = container.add_stream("pcm_f32le", rate=16000, layout="mono")
-        frame = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
-        frame.sample_rate = 16000
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
 
 
 def graph(audio="dog.mp3", text="a photo of <audio>", token=TOKEN_SD15, encoder=BEATS, save="image",

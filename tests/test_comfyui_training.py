@@ -3,32 +3,17 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from audio_files import write_tone
 from audiotoken_core.token_file import load_audiotoken
 from comfy_fixtures import BEATS, CKPT
 from tools.comfy_server import execution_error
 
 pytestmark = pytest.mark.comfyui
-
-
-def _write_wav(path, freq: float, seconds: float = 3.0, rate: int = 16000) -> None:
-    import av
-
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)[None]
-    with av.open(str(path), "w", format="wav") as out:
-        stream = out.add_stream("pcm_s16le", rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
-        frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +22,7 @@ def dataset_folder(comfy):
     for label, freq, colour in (("low", 300, (200, 30, 30)), ("high", 3000, (30, 30, 200))):
         (root / label).mkdir(parents=True, exist_ok=True)
         for i in range(2):
-            _write_wav(root / label / f"{label}{i}.wav", freq * (1 + 0.1 * i))
+            write_tone(root / label / f"{label}{i}.wav", freq * (1 + 0.1 * i))
             Image.new("RGB", (80, 48), colour).save(root / label / f"{label}{i}.png")
     (root / "low" / "broken.wav").write_bytes(b"not audio")
     (root / "low" / "broken.png").write_bytes(b"not an image")

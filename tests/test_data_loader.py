@@ -1,26 +1,12 @@
 """build_train_batches / TrainBatches: seeded shuffles, rank shards, cached features."""
 from __future__ import annotations
 
-import av
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from audio_files import write_tone
 from audiotoken_core.data import DatasetSourceError, build_train_batches, pairs_from_folder
-
-
-def _wav(path, freq: float, seconds: float = 2.0, rate: int = 16000) -> None:
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)[None]
-    with av.open(str(path), "w", format="wav") as out:
-        stream = out.add_stream("pcm_s16le", rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
-        frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +15,7 @@ def items(tmp_path_factory):
     for i in range(6):
         folder = root / ("low" if i % 2 else "high")
         folder.mkdir(exist_ok=True)
-        _wav(folder / f"clip{i}.wav", 300 + 100 * i)
+        write_tone(folder / f"clip{i}.wav", 300 + 100 * i, seconds=2.0)
         Image.new("RGB", (40, 24), (40 * i, 0, 0)).save(folder / f"clip{i}.png")
     found = pairs_from_folder(root)
     assert len(found) == 6 and not found.problems

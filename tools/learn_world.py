@@ -158,6 +158,7 @@ def _comfy():
     from tools.comfy_root import import_comfy
 
     import_comfy()
+    import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
     import comfy.sd
@@ -176,7 +177,8 @@ class TrainConfig:
     lr: float = 3e-3
     uncond_prob: float = 0.1  # empty-prompt dropout (classifier-free guidance training)
     t_power: float = 0.7  # t = 999 * u**t_power: < 1 favours high noise
-    weighting: str = "x0"  # "eps": plain eps-MSE; "x0": eps-MSE x (1 + sigma^2)
+    weighting: str = "native"  # "native": the model's own target (eps or v); "eps": eps-MSE; "x0": x0-MSE
+    prediction: str = "v"  # the UNet's parameterisation: "eps" (SD1.5) or "v" (like SD2.x-v)
     model_channels: int = 32
 
 
@@ -227,8 +229,10 @@ class World:
         return correct / (per_class * len(self.words))
 
     def denoising_loss(self, conditioning: Tensor | list, class_ids: Sequence[int], seed: int = 0,
-                       repeats: int = 4) -> float:
-        """Mean eps-MSE of class_ids' patterns under `conditioning` on noise/timesteps fixed by `seed`.
+                       repeats: int = 4, target: str = "eps") -> float:
+        """Mean `target`-MSE ("eps", "v" or "x0") of class_ids' patterns under `conditioning`.
+
+        Noise and timesteps (uniform over the 1000 DDPM steps) are fixed by `seed`.
 
         `conditioning` is a context tensor [B or 1, 77, D], a ComfyUI CONDITIONING, or a list of
         CONDITIONINGs (one per class id). Each item is evaluated `repeats` times.
@@ -242,9 +246,9 @@ class World:
         g = torch.Generator().manual_seed(seed)
         t = torch.randint(0, 1000, (len(ids),), generator=g).float()
         noise = torch.randn(len(ids), *LATENT_SHAPE, generator=g)
-        base = self.model.model
         with torch.no_grad():
-            return float(_eps_mse(base, self.patterns[ids], ctx, t, noise).mean())
+            mse, sigma = _x0_mse(self.model.model, self.patterns[ids], ctx, t, noise)
+            return float((mse * _target_weight(target, sigma)).mean())
 
 
 def _as_context(conditioning: Tensor | list) -> Tensor:
@@ -255,15 +259,24 @@ def _as_context(conditioning: Tensor | list) -> Tensor:
     return torch.cat([c[0][0] for c in conditioning]).float()  # one CONDITIONING per item
 
 
-def _eps_mse(base_model, x0: Tensor, ctx: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-    """Per-sample eps-MSE [B] through ComfyUI's BaseModel.apply_model."""
+def _x0_mse(base_model, x0: Tensor, ctx: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample MSE [B] of the denoised prediction (ComfyUI's BaseModel.apply_model) and sigma [B]."""
     ms = base_model.model_sampling
     sigma = ms.sigma(t)
-    s = sigma.view(-1, 1, 1, 1)
-    xt = ms.noise_scaling(s, noise, x0)
+    xt = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
     den = base_model.apply_model(xt, sigma, c_crossattn=ctx)
-    eps = (xt - den) / s
-    return ((eps - noise) ** 2).flatten(1).mean(1)
+    return ((den - x0) ** 2).flatten(1).mean(1), sigma
+
+
+def _target_weight(kind: str, sigma: Tensor) -> Tensor:
+    """x0-MSE -> `kind` MSE: eps-MSE = x0-MSE / s^2, v-MSE = x0-MSE (1 + s^2) / s^2."""
+    if kind == "eps":
+        return sigma ** -2
+    if kind == "v":
+        return (1 + sigma ** 2) / sigma ** 2
+    if kind == "x0":
+        return torch.ones_like(sigma)
+    raise ValueError(f"unknown loss target {kind!r}")
 
 
 def _build_clip(comfy, seed: int):
@@ -276,7 +289,7 @@ def _build_clip(comfy, seed: int):
     return clip
 
 
-def _build_unet(comfy, channels: int, seed: int):
+def _build_unet(comfy, channels: int, seed: int, prediction: str = "eps"):
     unet_config = {
         "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
         "model_channels": channels, "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
@@ -285,7 +298,8 @@ def _build_unet(comfy, channels: int, seed: int):
         "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
         "transformer_depth_middle": 1,
     }
-    model = comfy.supported_models.SD15(unet_config).get_model({})
+    model_type = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}[prediction]
+    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(unet_config), model_type=model_type)
     _init_unet(model.diffusion_model, seed)
     return model
 
@@ -295,7 +309,8 @@ def build_world(seed: int = 0, config: TrainConfig | None = None, cfg: float = 4
     comfy, _ = _comfy()
     config = config or TrainConfig()
     clip = _build_clip(comfy, seed * 1000 + 1)
-    model = _build_unet(comfy, config.model_channels, seed * 1000 + 2)
+    model = _build_unet(comfy, config.model_channels, seed * 1000 + 2, config.prediction)
+    kind = config.prediction if config.weighting == "native" else config.weighting
     world = World(model=None, clip=clip, words=WORDS, patterns=class_patterns(), cfg=cfg)
     with torch.no_grad():
         ctx = world.context([world.prompt(k) for k in range(K)])  # [K, 77, D]
@@ -313,10 +328,8 @@ def build_world(seed: int = 0, config: TrainConfig | None = None, cfg: float = 4
         noise = torch.randn(config.batch, *LATENT_SHAPE, generator=g)
         drop = torch.rand(config.batch, generator=g) < config.uncond_prob
         c = torch.where(drop.view(-1, 1, 1), empty, ctx[k])
-        sigma = model.model_sampling.sigma(t)
-        mse = _eps_mse(model, world.patterns[k], c, t, noise)
-        weight = 1 + sigma ** 2 if config.weighting == "x0" else torch.ones_like(sigma)
-        loss = (mse * weight).mean()
+        mse, sigma = _x0_mse(model, world.patterns[k], c, t, noise)
+        loss = (mse * _target_weight(kind, sigma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
