@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=None, help="cache encoder features and latents here")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--pooling-dropout", type=float, default=0.5, help="dropout in the attentive pooling (reference: 0.5)")
+    p.add_argument("--result-json", type=Path, default=None,
+                   help="write this rank's result (status, step, weight digest) here; '{rank}' is replaced")
     return p.parse_args(argv)
 
 
@@ -74,6 +77,18 @@ def _items(args):
     if args.kind == "videos":
         return pairs_from_videos(args.data)
     return pairs_from_vggsound_csv(args.data, args.media_root or args.data.parent)
+
+
+def _digest(token) -> str:
+    """sha256 of every Embedder tensor: equal digests = bitwise-equal weights across ranks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, embedder in sorted(token.embedders.items()):
+        for name, tensor in sorted(embedder.state_dict().items()):
+            h.update(f"{key}.{name}".encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def main(argv=None) -> dict:
@@ -109,7 +124,8 @@ def main(argv=None) -> dict:
             cache_dir=args.cache_dir,
             cache_settings={"encoder": str(args.encoder), "spec": encoder.spec.to_dict(), "checkpoint": str(args.checkpoint)},
             rank=rank, world_size=world, num_workers=args.workers)
-        token = new_audiotoken(backend.widths, encoder.spec, seed=args.seed, description=f"trained on {args.data}")
+        token = new_audiotoken(backend.widths, encoder.spec, seed=args.seed, description=f"trained on {args.data}",
+                               pooling_dropout=args.pooling_dropout)
         trainer = Trainer(config, backend, token, encoder, batches, args.out, device=device)
         if args.resume:
             trainer.resume(args.out)
@@ -120,9 +136,11 @@ def main(argv=None) -> dict:
 
         summary = trainer.run(progress=progress)
     result = {"status": summary.status, "step": summary.step, "final": summary.final, "rank": rank, "world_size": world,
-              "last_loss": summary.last_loss}
+              "last_loss": summary.last_loss, "weights_sha256": _digest(token)}
     if rank == 0:
         print(json.dumps(result))
+    if args.result_json is not None:
+        Path(str(args.result_json).replace("{rank}", str(rank))).write_text(json.dumps(result))
     if world > 1:
         torch.distributed.destroy_process_group()
     return result

@@ -32,6 +32,9 @@ def test_ranks_take_disjoint_shards_and_epochs_reshuffle(items):
     a, b = _ids(r0), _ids(r1)
     assert len(a) == len(b) == 3
     assert not {x for batch in a for x in batch} & {x for batch in b for x in batch}
+    # Two ranks at batch 1 see, step by step, the samples of one process at batch 2.
+    single = _ids(build_train_batches(items, batch_size=2, seed=3, image_size=(32, 16)))
+    assert single == [x + y for x, y in zip(a, b)]
     assert _ids(r0) == a  # same epoch, same order
     r0.set_epoch(1)
     orders = {tuple(map(tuple, _ids(r0)))}

@@ -20,8 +20,12 @@ from .items import DatasetSourceError, PairItem
 
 
 class TrainBatches:
-    """Iterable of batch dicts; `set_epoch(e)` reshuffles. Rank r of w takes every w-th sample
-    of the epoch's permutation, and incomplete last batches are dropped so all ranks step together."""
+    """Iterable of batch dicts; `set_epoch(e)` reshuffles.
+
+    Step k's global batch is the k-th run of batch_size x world_size samples of the epoch's
+    permutation and rank r takes the r-th consecutive slice of it, which is what the trainer's
+    per-sample noise assumes: w processes at batch b see exactly the samples (and noise) of one
+    process at batch w x b. Incomplete last batches are dropped so all ranks step together."""
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0) -> None:
@@ -40,9 +44,9 @@ class TrainBatches:
 
     def _batches_of_indices(self) -> list[list[int]]:
         order = torch.randperm(len(self.dataset), generator=seeded_generator(self.seed, self.epoch, 0x5EED)).tolist()
-        mine = order[self.rank::self.world_size]
-        usable = len(order) // self.world_size // self.batch_size * self.batch_size
-        return [mine[i:i + self.batch_size] for i in range(0, usable, self.batch_size)]
+        step = self.batch_size * self.world_size
+        first = self.rank * self.batch_size
+        return [order[k + first:k + first + self.batch_size] for k in range(0, len(order) - step + 1, step)]
 
     def __len__(self) -> int:
         return len(self._batches_of_indices())
