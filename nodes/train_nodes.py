@@ -145,6 +145,8 @@ class AudioTokenTrain(io.ComfyNode):
                                  tooltip="Continue from the latest checkpoint of this name when there is one."),
                 io.Combo.Input("precision", options=PRECISIONS, default="fp32",
                                tooltip="fp32 (reference), or bf16/fp16 autocast with fp32 master weights for the Embedder."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute UNet activations in the backward pass: much less memory, about a third slower."),
                 io.Boolean.Input("cache_features", default=True,
                                  tooltip="Run the audio encoder and the VAE once per file and keep their outputs on disk "
                                          "(temp/audiotoken_cache), so later epochs and runs skip them."),
@@ -158,7 +160,7 @@ class AudioTokenTrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, audio_encoder: LoadedEncoder, dataset: TrainingData, name, steps, learning_rate,
                 batch_size, grad_accum, seed, lambda_l1, lambda_cl, save_every, resume, precision,
-                cache_features) -> io.NodeOutput:
+                gradient_checkpointing, cache_features) -> io.NodeOutput:
         name = os.path.basename(name.strip()) or "my_audiotoken"
         models_dir = folder_paths.get_folder_paths(mf.AUDIOTOKEN_FOLDER)[0]
         run_dir = os.path.join(models_dir, f"{name}_checkpoints")
@@ -166,7 +168,7 @@ class AudioTokenTrain(io.ComfyNode):
                              lambda_l1=lambda_l1, lambda_cl=lambda_cl, save_every=save_every, precision=precision,
                              name=name, placeholder=DEFAULT_PLACEHOLDER, prompt=f"a photo of {DEFAULT_PLACEHOLDER}")
         encoder = audio_encoder.encoder
-        with ComfyBackend(model, clip, vae) as backend:
+        with ComfyBackend(model, clip, vae, gradient_checkpointing=gradient_checkpointing) as backend:
             mm.load_models_gpu([audio_encoder.patcher])
             device = audio_encoder.patcher.load_device
             cache_dir = os.path.join(folder_paths.get_temp_directory(), "audiotoken_cache", dataset.name) \

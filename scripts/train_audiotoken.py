@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=None, help="cache encoder features and latents here")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations (less memory)")
     p.add_argument("--pooling-dropout", type=float, default=0.5, help="dropout in the attentive pooling (reference: 0.5)")
     p.add_argument("--result-json", type=Path, default=None,
                    help="write this rank's result (status, step, weight digest) here; '{rank}' is replaced")
@@ -116,7 +117,7 @@ def main(argv=None) -> dict:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, base_lr=args.lr,
                          scale_lr=not args.no_scale_lr, lambda_l1=args.lambda_l1, lambda_cl=args.lambda_cl,
                          precision=args.precision, seed=args.seed, save_every=args.save_every, name=args.name)
-    with ComfyBackend(model, clip, vae) as backend:
+    with ComfyBackend(model, clip, vae, gradient_checkpointing=args.gradient_checkpointing) as backend:
         batches = build_train_batches(
             items, batch_size=args.batch_size, seed=args.seed, image_size=(width, height),
             encode_audio=lambda w: encoder(w.to(device)).float().cpu(),

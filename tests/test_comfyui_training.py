@@ -41,7 +41,8 @@ def train_graph(name: str, steps: int, dataset: str = "tones", resume: bool = Tr
                   "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "audio_encoder": ["enc", 0],
                              "dataset": ["data", 0], "name": name, "steps": steps, "learning_rate": 1e-4,
                              "batch_size": 2, "grad_accum": 1, "seed": 0, "lambda_l1": 0.01, "lambda_cl": 0.01,
-                             "save_every": 2, "resume": resume, "precision": "fp32", "cache_features": True}},
+                             "save_every": 2, "resume": resume, "precision": "fp32", "gradient_checkpointing": False,
+                             "cache_features": True}},
         "curve": {"class_type": "SaveImage", "inputs": {"images": ["train", 1], "filename_prefix": f"loss_{name}"}},
     }
 
