@@ -1,31 +1,45 @@
-"""A synthetic "learnability world" for proving that AudioToken learns (issue 3) and for evaluation.
+"""A synthetic "learnability world": paired sound / image classes and a tiny text-to-image model.
 
-    world = build_world(seed=0)               # ~30 s on 2 CPU cores; nothing written to disk
-    wave = make_sound(k, seed)                # [80000] 16 kHz, class k in 0..K-1
-    z = class_latent(k)                       # [4, 8, 8] in MODEL space (after process_latent_in)
-    classify_latent(z)                        # nearest class pattern -> k
-    cond = world.encode("a photo of red")     # ComfyUI CONDITIONING
-    z = world.sample(cond, seed)              # nodes.common_ksampler (euler/normal) -> [4, 8, 8] model space
-    world.denoising_loss(cond_or_context, class_ids, seed)   # eps-MSE on fixed noise/timesteps
+Used by the proof that AudioToken learns (issue 3) and, later, by the evaluation.
 
-K = 4 sound classes (low tone, high tone, white-noise bursts, repeated rising chirps), each
-drawn with per-instance randomness from its seed; K image classes are mutually orthogonal
-+-1 latent patterns. The text-to-image model is a tiny SD1.5-class UNet and CLIP-L built
-with ComfyUI's own classes (so every ComfyUI code path is the real one), trained at build
-time to draw class k from "a photo of <WORDS[k]>", then frozen.
+    wave = make_sound(k, seed)                 # [80000] float32, 16 kHz, sound class k in 0..K-1
+    seeds = sound_seeds("heldout", 8)          # instance seeds; "train" and "heldout" never overlap
+    z = class_latent(k)                        # [4, 8, 8] image class k in MODEL space (after process_latent_in)
+    classify_latent(z)                         # nearest class pattern -> k (or [B] for a batch)
+    world = build_world(seed=0)                # ~25 s on 2 CPU cores; writes nothing unless cache_dir is given
+    cond = world.encode(world.prompt(k))       # ComfyUI CONDITIONING for "a photo of <WORDS[k]>"
+    z = world.sample(cond, seed)               # nodes.common_ksampler, euler/normal, 20 steps, cfg 5
+    world.denoising_loss(cond, class_ids, seed)  # eps-MSE on noise/timesteps fixed by seed
 
-What makes the text conditioning stick (a plain eps loss at uniform t leaves the UNet
-nearly ignoring the text): the loss is x0-weighted (eps-MSE x (1 + sigma^2)), so the
-high-noise steps where only the text can tell the class count as much as the rest;
-timesteps are drawn biased to high noise; the prompt is replaced by the empty prompt 10%
-of the time (classifier-free guidance training), so sampling with cfg > 1 sharpens the
-class; lr decays on a cosine to zero.
+Sounds (chosen so that the mean-pooled features of a *random* BEATs separate them: random
+BEATs is nearly blind to where in frequency a pure tone sits, so the classes differ in
+time-frequency texture as well as in spectrum): 0 low hum (harmonic complex on 110-130 Hz),
+1 high beeps (3.0-3.2 kHz tone pulsed at 4-6 Hz), 2 white-noise bursts, 3 rising chirps
+(0.5 -> 2 kHz, repeated). Images: K mutually orthogonal, zero-mean +-1 latent patterns.
+
+The text-to-image model is an SD1.5-architecture UNet (one level, 32 channels, context 64)
+and a CLIP-L text encoder (width 64, 2 layers, real tokenizer and vocabulary), built with
+ComfyUI's own classes, with random frozen CLIP and a UNet trained at build time. What makes
+it follow the text:
+  * v-prediction: `BaseModel(SD15 config, model_type=ModelType.V_PREDICTION)`, the model
+    type ComfyUI gives SD2.x-v and v-pred SD1.5 checkpoints (same DDPM schedule). At high
+    noise, where only the text can tell the class, an eps-UNet must output noise + x0/sigma
+    with x0/sigma ~ 0.07 per element: this tiny net never resolves it and learns to ignore
+    the text (25-33% accuracy after 300-600 steps with eps- or v-weighted losses and
+    high-noise timestep bias alike). A v-UNet outputs ~ -x0 there: an O(1) class signal.
+  * classifier-free-guidance training: 10% of prompts replaced by the empty prompt, so
+    sampling with the empty negative and cfg > 1 amplifies the class;
+  * AdamW lr 2e-3 with a cosine decay to 0 over 300 steps of batch 32, t uniform.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -35,11 +49,15 @@ from torch import Tensor
 K = 4
 SAMPLE_RATE = 16000
 WORDS = ("red", "green", "blue", "yellow")
-SOUND_NAMES = ("low tone", "high tone", "noise bursts", "rising chirps")
+SOUND_NAMES = ("low hum", "high beeps", "noise bursts", "rising chirps")
 PROMPT = "a photo of {}"
 LATENT_SHAPE = (4, 8, 8)
-HELDOUT_SEED_OFFSET = 1_000_000  # train instances use seeds < this, held-out ones seeds >= this
+HELDOUT_SEED_OFFSET = 1_000_000  # train instances use seeds below this, held-out ones from it on
 CLIP_WIDTH = 64
+# The small random BEATs the tests use (write_placeholder_beats(path, seed, **BEATS_SMALL)).
+BEATS_SMALL = dict(encoder_layers=12, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
+                   encoder_attention_heads=4, embed_dim=64)
+_VERSION = 1  # bump when training changes, to invalidate cache_dir entries
 
 
 # --------------------------------------------------------------------------- sounds
@@ -49,44 +67,86 @@ def sound_seeds(split: str, n: int) -> list[int]:
     """`n` instance seeds of a split ("train" or "heldout"); the two never overlap."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if not 0 <= n <= HELDOUT_SEED_OFFSET:
+        raise ValueError(f"n must be in 0..{HELDOUT_SEED_OFFSET}, got {n}")
     base = 0 if split == "train" else HELDOUT_SEED_OFFSET
     return [base + i for i in range(n)]
 
 
+def _gate(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Random on/off bursts: on 0.15-0.5 s, off 0.05-0.3 s."""
+    gate = np.zeros(n)
+    pos = int(rng.uniform(0, 0.3) * SAMPLE_RATE)
+    while pos < n:
+        length = int(rng.uniform(0.15, 0.5) * SAMPLE_RATE)
+        gate[pos:pos + length] = 1.0
+        pos += length + int(rng.uniform(0.05, 0.3) * SAMPLE_RATE)
+    return gate
+
+
 def make_sound(k: int, seed: int, seconds: float = 5.0) -> Tensor:
-    """One instance of sound class `k` (see SOUND_NAMES) as float32 [T] at 16 kHz in [-1, 1]."""
+    """Instance `seed` of sound class `k` (SOUND_NAMES[k]): float32 [T] at 16 kHz in [-1, 1]."""
     if not 0 <= k < K:
         raise ValueError(f"sound class must be in 0..{K - 1}, got {k}")
     rng = np.random.default_rng([int(seed), int(k), 7919])
     n = int(round(seconds * SAMPLE_RATE))
     t = np.arange(n) / SAMPLE_RATE
-    if k == 0:  # low tone with a weak second harmonic and a slow tremolo
-        f = rng.uniform(200, 400)
-        y = np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi)) + 0.3 * np.sin(4 * np.pi * f * t)
-        y *= 1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.2, 1.0) * t)
-    elif k == 1:  # high tone, slightly vibrato
-        f = rng.uniform(2500, 4000)
-        phase = 2 * np.pi * f * t + rng.uniform(2, 8) * np.sin(2 * np.pi * rng.uniform(3, 6) * t)
-        y = np.sin(phase + rng.uniform(0, 2 * np.pi))
+    if k == 0:  # low hum: 20 harmonics of 110-130 Hz with 1/h amplitudes, slow tremolo
+        f = rng.uniform(110, 130)
+        y = sum(np.sin(2 * np.pi * f * h * t + rng.uniform(0, 2 * np.pi)) / h for h in range(1, 21))
+        y = y * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.2, 1.0) * t))
+    elif k == 1:  # high beeps: 3.0-3.2 kHz tone, 50% duty at 4-6 Hz, 5 ms ramps
+        f, rate = rng.uniform(3000, 3200), rng.uniform(4, 6)
+        cycle = np.mod(t * rate + rng.uniform(), 1.0)
+        env = np.clip(np.minimum(cycle, 0.5 - cycle) / (0.005 * rate), 0, 1)
+        y = np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi)) * env
     elif k == 2:  # white-noise bursts with random gaps
-        y = rng.standard_normal(n) * 0.5
-        gate = np.zeros(n)
-        pos = int(rng.uniform(0, 0.3) * SAMPLE_RATE)
-        while pos < n:
-            length = int(rng.uniform(0.15, 0.5) * SAMPLE_RATE)
-            gate[pos:pos + length] = 1.0
-            pos += length + int(rng.uniform(0.05, 0.3) * SAMPLE_RATE)
-        y *= gate
-    else:  # repeated rising chirps, 500 Hz -> 2 kHz (exponential sweep)
+        y = rng.standard_normal(n) * _gate(rng, n)
+    else:  # rising chirps: exponential sweeps ~500 Hz -> ~2 kHz every 0.4-0.9 s
         period = rng.uniform(0.4, 0.9)
         f0, f1 = rng.uniform(400, 600), rng.uniform(1800, 2200)
         tau = np.mod(t + rng.uniform(0, period), period)
         rate = math.log(f1 / f0) / period
         y = np.sin(2 * np.pi * f0 * (np.exp(rate * tau) - 1) / rate)
-        y *= np.minimum(1.0, np.minimum(tau, period - tau) / 0.01)  # click-free edges
+        y = y * np.minimum(1.0, np.minimum(tau, period - tau) / 0.01)  # click-free edges
     y = y / (np.abs(y).max() + 1e-9) * rng.uniform(0.3, 0.8)
     y = y + rng.standard_normal(n) * 0.003  # faint noise floor
-    return torch.from_numpy(np.clip(y, -1, 1).astype(np.float32))
+    return torch.from_numpy(np.clip(y, -1.0, 1.0).astype(np.float32))
+
+
+def make_sounds(k: int, seeds: Sequence[int], seconds: float = 5.0) -> Tensor:
+    """[len(seeds), T] instances of class `k`."""
+    return torch.stack([make_sound(k, s, seconds) for s in seeds])
+
+
+def paired_data(split: str, per_class: int, seconds: float = 5.0) -> dict:
+    """Audio/image pairs: `wave16` [N, T], `latents` [N, 4, 8, 8] (model space), `label` (the class
+    word, so a label's CLIP embedding is the word that draws its image), `class_id` [N]."""
+    seeds = sound_seeds(split, per_class)
+    ids = [k for k in range(K) for _ in seeds]
+    return {
+        "wave16": torch.cat([make_sounds(k, seeds, seconds) for k in range(K)]),
+        "latents": class_patterns()[ids],
+        "label": [WORDS[k] for k in ids],
+        "class_id": torch.tensor(ids),
+    }
+
+
+# --------------------------------------------------------------------------- audio features
+
+
+@torch.no_grad()
+def pooled_features(encoder: torch.nn.Module, waves: Tensor, batch: int = 8) -> Tensor:
+    """Mean over tokens of an audio encoder's features: [N, T] -> [N, F]."""
+    return torch.cat([encoder(waves[i:i + batch]).mean(1) for i in range(0, len(waves), batch)])
+
+
+def nearest_centroid_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> float:
+    """Accuracy of the nearest class centroid (centroids from the train set) on the test set."""
+    classes = torch.unique(train_y)
+    centroids = torch.stack([train_x[train_y == c].mean(0) for c in classes])
+    pred = classes[torch.cdist(test_x.float(), centroids.float()).argmin(1)]
+    return float((pred == test_y).float().mean())
 
 
 # --------------------------------------------------------------------------- latents
@@ -94,34 +154,68 @@ def make_sound(k: int, seed: int, seconds: float = 5.0) -> Tensor:
 
 def class_patterns() -> Tensor:
     """[K, 4, 8, 8] mutually orthogonal, zero-mean +-1 patterns (model space)."""
-    c = torch.arange(4).view(4, 1, 1).float()
-    y = torch.arange(8).view(1, 8, 1).float()
-    x = torch.arange(8).view(1, 1, 8).float()
-    ones = torch.ones(4, 8, 8)
-    pats = [
-        ones * torch.where(c < 2, 1.0, -1.0),  # channels 0,1 vs 2,3
-        ones * torch.where(c % 2 == 0, 1.0, -1.0),  # even vs odd channels
-        ones * torch.where(y < 4, 1.0, -1.0),  # top vs bottom
-        ones * torch.where(x < 4, 1.0, -1.0),  # left vs right
-    ]
-    return torch.stack(pats)
+    c = torch.arange(4).view(4, 1, 1)
+    y = torch.arange(8).view(1, 8, 1)
+    x = torch.arange(8).view(1, 1, 8)
+    ones = torch.ones(LATENT_SHAPE)
+    sign = lambda cond: torch.where(cond, 1.0, -1.0)  # noqa: E731
+    return torch.stack([
+        ones * sign(c < 2),  # channels 0,1 vs 2,3
+        ones * sign(c % 2 == 0),  # even vs odd channels
+        ones * sign(y < 4),  # top vs bottom
+        ones * sign(x < 4),  # left vs right
+    ])
 
 
 def class_latent(k: int) -> Tensor:
     """The [4, 8, 8] model-space latent of image class `k`."""
-    return class_patterns()[k].clone()
+    return class_patterns()[k]
 
 
 def classify_latent(z: Tensor) -> int | Tensor:
     """Nearest class pattern: [4, 8, 8] -> int, or [B, 4, 8, 8] -> LongTensor [B]."""
-    pats = class_patterns().to(z.device, torch.float32)
-    flat = z.float().reshape(-1, pats[0].numel())
-    d = torch.cdist(flat, pats.flatten(1))
-    out = d.argmin(1)
-    return int(out[0]) if z.dim() == 3 else out
+    pats = class_patterns().flatten(1)
+    pred = torch.cdist(z.detach().float().cpu().reshape(-1, pats.shape[1]), pats).argmin(1)
+    return int(pred[0]) if z.dim() == 3 else pred
 
 
 # --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the world's UNet is trained."""
+
+    steps: int = 300
+    batch: int = 32
+    lr: float = 2e-3  # AdamW, cosine decay to 0
+    uncond_prob: float = 0.1  # empty-prompt dropout (classifier-free guidance training)
+    model_channels: int = 32
+    prediction: str = "v"  # "v" (the default that learns the text) or "eps" (does not, see module doc)
+
+
+def _comfy():
+    """ComfyUI's `comfy` package and its `nodes` module (not this repository's `nodes` package)."""
+    from tools.comfy_root import import_comfy
+
+    root = str(import_comfy())
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+
+    if "nodes" not in sys.modules:
+        saved = list(sys.path)
+        sys.path.insert(0, root)  # ComfyUI's nodes.py first, whatever the caller's path order
+        try:
+            import nodes  # noqa: F401
+        finally:
+            sys.path[:] = saved
+    nodes = sys.modules["nodes"]
+    if not hasattr(nodes, "common_ksampler"):
+        raise RuntimeError(f"`nodes` is imported from {getattr(nodes, '__file__', '?')}, not from ComfyUI at {root}")
+    return comfy, nodes
 
 
 def _init_unet(module: torch.nn.Module, seed: int) -> None:
@@ -138,7 +232,7 @@ def _init_unet(module: torch.nn.Module, seed: int) -> None:
 
 
 def _init_clip(module: torch.nn.Module, seed: int) -> None:
-    """A random CLIP-L text encoder whose word embeddings differ clearly after two layers."""
+    """Random CLIP-L text weights under which the four class words give clearly different contexts."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(module.named_parameters()):
@@ -154,47 +248,80 @@ def _init_clip(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def _comfy():
-    from tools.comfy_root import import_comfy
-
-    import_comfy()
-    import comfy.model_base
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.sd
-    import comfy.supported_models
-    import nodes
-
-    return comfy, nodes
+def _build_clip(comfy, seed: int):
+    target = comfy.supported_models.SD15({}).clip_target()
+    options = {"dtype": torch.float32, "clip_l_model_config": {
+        "hidden_size": CLIP_WIDTH, "intermediate_size": 2 * CLIP_WIDTH, "num_attention_heads": 4,
+        "num_hidden_layers": 2, "vocab_size": 49408, "max_position_embeddings": 77}}
+    clip = comfy.sd.CLIP(target=target, model_options=options)
+    _init_clip(clip.cond_stage_model, seed)
+    return clip
 
 
-@dataclass
-class TrainConfig:
-    """Training of the world's text-to-image model."""
+def _build_unet(comfy, channels: int, prediction: str, seed: int):
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+        "model_channels": channels, "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
+        "context_dim": CLIP_WIDTH, "num_heads": 4, "num_head_channels": -1, "use_linear_in_transformer": False,
+        "use_temporal_resblock": False, "use_temporal_attention": False, "num_res_blocks": [1],
+        "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
+        "transformer_depth_middle": 1,
+    }
+    types = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}
+    if prediction not in types:
+        raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(unet_config), model_type=types[prediction])
+    _init_unet(model.diffusion_model, seed)
+    return model
 
-    steps: int = 500
-    batch: int = 32
-    lr: float = 3e-3
-    uncond_prob: float = 0.1  # empty-prompt dropout (classifier-free guidance training)
-    t_power: float = 0.7  # t = 999 * u**t_power: < 1 favours high noise
-    weighting: str = "native"  # "native": the model's own target (eps or v); "eps": eps-MSE; "x0": x0-MSE
-    prediction: str = "v"  # the UNet's parameterisation: "eps" (SD1.5) or "v" (like SD2.x-v)
-    model_channels: int = 32
+
+def _x0_mse(base_model, x0: Tensor, ctx: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample MSE [B] of the denoised prediction (via ComfyUI's BaseModel.apply_model), and sigma [B]."""
+    ms = base_model.model_sampling
+    sigma = ms.sigma(t)
+    xt = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
+    den = base_model.apply_model(xt, sigma, c_crossattn=ctx)
+    return ((den - x0) ** 2).flatten(1).mean(1), sigma
+
+
+def _target_weight(target: str, sigma: Tensor) -> Tensor:
+    """x0-MSE -> target MSE: eps = (x_t - x0)/s, v = (eps - s x0)/sqrt(1 + s^2) (ComfyUI's sigma space)."""
+    if target == "eps":
+        return sigma ** -2
+    if target == "v":
+        return (1 + sigma ** 2) / sigma ** 2
+    if target == "x0":
+        return torch.ones_like(sigma)
+    raise ValueError(f"target must be 'eps', 'v' or 'x0', got {target!r}")
+
+
+def _as_context(conditioning: Tensor | list) -> Tensor:
+    """A context tensor, one ComfyUI CONDITIONING, or a list of CONDITIONINGs -> [B, 77, D]."""
+    if isinstance(conditioning, Tensor):
+        return conditioning.float()
+    if conditioning and isinstance(conditioning[0], list) and isinstance(conditioning[0][0], Tensor):
+        return conditioning[0][0].float()
+    return torch.cat([c[0][0] for c in conditioning]).float()
 
 
 @dataclass
 class World:
-    """The frozen text-to-image model of the world plus its helpers (see the module docstring)."""
+    """The frozen text-to-image model of the world and its helpers."""
 
-    model: Any  # comfy.model_patcher.ModelPatcher
-    clip: Any  # comfy.sd.CLIP
-    words: tuple[str, ...]
-    patterns: Tensor  # [K, 4, 8, 8] model space
-    cfg: float = 4.0
+    model: Any  # comfy.model_patcher.ModelPatcher (SD1.5 architecture, v-prediction by default)
+    clip: Any  # comfy.sd.CLIP (CLIP-L architecture, width 64)
+    words: tuple[str, ...] = WORDS
+    patterns: Tensor = field(default_factory=class_patterns)  # [K, 4, 8, 8] model space
+    cfg: float = 5.0
     steps: int = 20
     sampler: str = "euler"
     scheduler: str = "normal"
-    train_log: dict = field(default_factory=dict)
+    train_log: dict = field(default_factory=dict)  # seconds, losses, config, cached
+
+    @property
+    def prediction(self) -> str:
+        """"eps" or "v": the UNet's parameterisation (and the native loss target)."""
+        return "v" if self.model.model.model_type.name == "V_PREDICTION" else "eps"
 
     def prompt(self, k: int) -> str:
         return PROMPT.format(self.words[k])
@@ -204,11 +331,14 @@ class World:
         return self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
 
     def context(self, texts: Sequence[str]) -> Tensor:
-        """Cross-attention context [B, 77, CLIP_WIDTH] for `texts`."""
+        """Cross-attention contexts [len(texts), 77, CLIP_WIDTH]."""
         return torch.cat([self.encode(t)[0][0] for t in texts])
 
     def sample_many(self, positive: list, seed: int, n: int, negative: list | None = None) -> Tensor:
-        """`n` samples in one `nodes.common_ksampler` call -> [n, 4, 8, 8] model-space latents."""
+        """`n` samples in one `nodes.common_ksampler` call -> [n, 4, 8, 8] model-space latents.
+
+        The negative defaults to the empty prompt (the model's trained unconditional branch).
+        """
         _, nodes = _comfy()
         negative = self.encode("") if negative is None else negative
         latent = {"samples": torch.zeros(n, *LATENT_SHAPE)}
@@ -221,7 +351,7 @@ class World:
         return self.sample_many(positive, seed, 1, negative)[0]
 
     def text_accuracy(self, seed: int = HELDOUT_SEED_OFFSET, per_class: int = 8) -> float:
-        """Fraction of samples from "a photo of <word_k>" that classify as k."""
+        """Fraction of samples drawn from "a photo of <word_k>" (noise seeds seed + k) classified as k."""
         correct = 0
         for k in range(len(self.words)):
             z = self.sample_many(self.encode(self.prompt(k)), seed + k, per_class)
@@ -230,114 +360,88 @@ class World:
 
     def denoising_loss(self, conditioning: Tensor | list, class_ids: Sequence[int], seed: int = 0,
                        repeats: int = 4, target: str = "eps") -> float:
-        """Mean `target`-MSE ("eps", "v" or "x0") of class_ids' patterns under `conditioning`.
+        """Mean `target`-MSE ("eps", "v" or "x0") of the class_ids' patterns under `conditioning`.
 
-        Noise and timesteps (uniform over the 1000 DDPM steps) are fixed by `seed`.
-
-        `conditioning` is a context tensor [B or 1, 77, D], a ComfyUI CONDITIONING, or a list of
-        CONDITIONINGs (one per class id). Each item is evaluated `repeats` times.
+        `conditioning`: context [B or 1, 77, D], a ComfyUI CONDITIONING (batch B or 1), or a list
+        of B CONDITIONINGs. Each item is noised `repeats` times; noise and timesteps (uniform
+        over the 1000 DDPM steps) are fixed by `seed`, so conditionings compare fairly.
         """
         ctx = _as_context(conditioning)
         ids = torch.as_tensor(list(class_ids), dtype=torch.long)
-        b = len(ids)
         if ctx.shape[0] == 1:
-            ctx = ctx.expand(b, -1, -1)
+            ctx = ctx.expand(len(ids), -1, -1)
+        if ctx.shape[0] != len(ids):
+            raise ValueError(f"{ctx.shape[0]} conditionings for {len(ids)} class ids")
         ids, ctx = ids.repeat(repeats), ctx.repeat(repeats, 1, 1)
         g = torch.Generator().manual_seed(seed)
         t = torch.randint(0, 1000, (len(ids),), generator=g).float()
         noise = torch.randn(len(ids), *LATENT_SHAPE, generator=g)
         with torch.no_grad():
-            mse, sigma = _x0_mse(self.model.model, self.patterns[ids], ctx, t, noise)
+            mse, sigma = _x0_mse(self.model.model, self.patterns[ids], ctx.to(torch.float32), t, noise)
             return float((mse * _target_weight(target, sigma)).mean())
 
 
-def _as_context(conditioning: Tensor | list) -> Tensor:
-    if isinstance(conditioning, Tensor):
-        return conditioning.float()
-    if conditioning and isinstance(conditioning[0], list) and isinstance(conditioning[0][0], Tensor):
-        return conditioning[0][0].float()  # one CONDITIONING
-    return torch.cat([c[0][0] for c in conditioning]).float()  # one CONDITIONING per item
-
-
-def _x0_mse(base_model, x0: Tensor, ctx: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample MSE [B] of the denoised prediction (ComfyUI's BaseModel.apply_model) and sigma [B]."""
-    ms = base_model.model_sampling
-    sigma = ms.sigma(t)
-    xt = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
-    den = base_model.apply_model(xt, sigma, c_crossattn=ctx)
-    return ((den - x0) ** 2).flatten(1).mean(1), sigma
-
-
-def _target_weight(kind: str, sigma: Tensor) -> Tensor:
-    """x0-MSE -> `kind` MSE: eps-MSE = x0-MSE / s^2, v-MSE = x0-MSE (1 + s^2) / s^2."""
-    if kind == "eps":
-        return sigma ** -2
-    if kind == "v":
-        return (1 + sigma ** 2) / sigma ** 2
-    if kind == "x0":
-        return torch.ones_like(sigma)
-    raise ValueError(f"unknown loss target {kind!r}")
-
-
-def _build_clip(comfy, seed: int):
-    target = comfy.supported_models.SD15({}).clip_target()
-    opts = {"dtype": torch.float32, "clip_l_model_config": {
-        "hidden_size": CLIP_WIDTH, "intermediate_size": 2 * CLIP_WIDTH, "num_attention_heads": 4,
-        "num_hidden_layers": 2, "vocab_size": 49408, "max_position_embeddings": 77}}
-    clip = comfy.sd.CLIP(target=target, model_options=opts)
-    _init_clip(clip.cond_stage_model, seed)
-    return clip
-
-
-def _build_unet(comfy, channels: int, seed: int, prediction: str = "eps"):
-    unet_config = {
-        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-        "model_channels": channels, "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
-        "context_dim": CLIP_WIDTH, "num_heads": 4, "num_head_channels": -1, "use_linear_in_transformer": False,
-        "use_temporal_resblock": False, "use_temporal_attention": False, "num_res_blocks": [1],
-        "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
-        "transformer_depth_middle": 1,
-    }
-    model_type = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}[prediction]
-    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(unet_config), model_type=model_type)
-    _init_unet(model.diffusion_model, seed)
-    return model
-
-
-def build_world(seed: int = 0, config: TrainConfig | None = None, cfg: float = 4.0) -> World:
-    """Build and train the world's frozen text-to-image model (deterministic on CPU for a seed)."""
-    comfy, _ = _comfy()
-    config = config or TrainConfig()
-    clip = _build_clip(comfy, seed * 1000 + 1)
-    model = _build_unet(comfy, config.model_channels, seed * 1000 + 2, config.prediction)
-    kind = config.prediction if config.weighting == "native" else config.weighting
-    world = World(model=None, clip=clip, words=WORDS, patterns=class_patterns(), cfg=cfg)
-    with torch.no_grad():
-        ctx = world.context([world.prompt(k) for k in range(K)])  # [K, 77, D]
-        empty = world.context([""])  # [1, 77, D]
-    g = torch.Generator().manual_seed(seed * 1000 + 3)
-    params = list(model.diffusion_model.parameters())
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    t0, losses = time.time(), []
+def _train(model, ctx: Tensor, empty: Tensor, patterns: Tensor, config: TrainConfig, seed: int) -> list[float]:
+    """Train the UNet on (prompt k -> pattern k) with empty-prompt dropout; returns the losses."""
+    g = torch.Generator().manual_seed(seed)
+    target = "v" if config.prediction == "v" else "eps"
+    opt = torch.optim.AdamW(model.diffusion_model.parameters(), lr=config.lr, weight_decay=0.0)
+    losses = []
     model.train()
     for step in range(config.steps):
         for group in opt.param_groups:
             group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-        k = torch.randint(0, K, (config.batch,), generator=g)
-        t = (999 * torch.rand(config.batch, generator=g) ** config.t_power).round()
+        k = torch.randint(0, len(patterns), (config.batch,), generator=g)
+        t = torch.randint(0, 1000, (config.batch,), generator=g).float()
         noise = torch.randn(config.batch, *LATENT_SHAPE, generator=g)
         drop = torch.rand(config.batch, generator=g) < config.uncond_prob
         c = torch.where(drop.view(-1, 1, 1), empty, ctx[k])
-        mse, sigma = _x0_mse(model, world.patterns[k], c, t, noise)
-        loss = (mse * _target_weight(kind, sigma)).mean()
+        mse, sigma = _x0_mse(model, patterns[k], c, t, noise)
+        loss = (mse * _target_weight(target, sigma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+    opt.zero_grad(set_to_none=True)
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    return losses
+
+
+def build_world(seed: int = 0, config: TrainConfig | None = None, cfg: float = 5.0,
+                cache_dir: str | Path | None = None) -> World:
+    """Build the world's CLIP and UNet and train the UNet (deterministic on CPU for a seed and config).
+
+    Nothing touches the disk unless `cache_dir` is given: then the trained UNet weights are
+    stored there (safetensors keyed by seed, config and version) and reused on later calls.
+    """
+    comfy, _ = _comfy()
+    config = config or TrainConfig()
+    clip = _build_clip(comfy, seed * 1000 + 1)
+    unet = _build_unet(comfy, config.model_channels, config.prediction, seed * 1000 + 2)
     mm = comfy.model_management
-    world.model = comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
-    world.train_log = {"seconds": time.time() - t0, "losses": losses}
+    world = World(model=comfy.model_patcher.ModelPatcher(unet, mm.get_torch_device(), mm.unet_offload_device()),
+                  clip=clip, cfg=cfg)
+    cache = None
+    if cache_dir is not None:
+        key = json.dumps({"seed": seed, "config": asdict(config), "version": _VERSION}, sort_keys=True)
+        cache = Path(cache_dir) / f"learn_world_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    t0, loaded = time.time(), cache is not None and cache.is_file()
+    if loaded:
+        from safetensors.torch import load_file
+
+        unet.diffusion_model.load_state_dict(load_file(str(cache)))
+        unet.eval()
+        losses = []
+    else:
+        with torch.no_grad():
+            ctx = world.context([world.prompt(k) for k in range(K)])
+            empty = world.context([""])
+        losses = _train(unet, ctx, empty, world.patterns, config, seed * 1000 + 3)
+        if cache is not None:
+            from safetensors.torch import save_file
+
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in unet.diffusion_model.state_dict().items()}, str(cache))
+    unet.requires_grad_(False)
+    world.train_log = {"seconds": time.time() - t0, "losses": losses, "config": asdict(config), "cached": loaded}
     return world
