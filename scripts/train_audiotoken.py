@@ -32,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kind", choices=["pairs", "videos", "vggsound"], default="pairs")
     p.add_argument("--media-root", type=Path, default=None, help="for --kind vggsound: where the clips are")
     p.add_argument("--labels-csv", type=Path, default=None, help="for --kind pairs: file,label CSV")
+    p.add_argument("--frame", choices=["middle", "random", "clip"], default=None,
+                   help="video frame inside the audio window (default: middle, or clip with --clip-scorer)")
+    p.add_argument("--clip-scorer", type=Path, default=None,
+                   help="local transformers CLIP folder: pick the frame with the best CLIP score against the label")
     p.add_argument("--out", required=True, type=Path, help="output folder (checkpoints and the final token)")
     p.add_argument("--name", default="audiotoken")
     p.add_argument("--steps", type=int, default=30000)
@@ -71,13 +75,15 @@ def _init_distributed() -> tuple[int, int, torch.device]:
 
 
 def _items(args):
-    from audiotoken_core.data import pairs_from_folder, pairs_from_videos, pairs_from_vggsound_csv
+    from audiotoken.audiotoken_core.data import (load_clip_scorer, pairs_from_folder, pairs_from_videos,
+                                                 pairs_from_vggsound_csv)
 
     if args.kind == "pairs":
         return pairs_from_folder(args.data, labels_csv=args.labels_csv)
+    scorer = load_clip_scorer(args.clip_scorer) if args.clip_scorer else None
     if args.kind == "videos":
-        return pairs_from_videos(args.data)
-    return pairs_from_vggsound_csv(args.data, args.media_root or args.data.parent)
+        return pairs_from_videos(args.data, frame=args.frame, clip_scorer=scorer)
+    return pairs_from_vggsound_csv(args.data, args.media_root or args.data.parent, frame=args.frame, clip_scorer=scorer)
 
 
 def _digest(token) -> str:
