@@ -131,8 +131,18 @@ def main(argv=None) -> dict:
                 loss = backend.diffusion_loss(latents, cond, t, noise).mean()
             loss.backward()
 
+        def embedder_fwd_bwd():
+            for e in token.embedders.values():
+                e.train()
+                with autocast():
+                    y = e(features)
+                y.float().sum().backward()
+
         if gpu:
             torch.cuda.reset_peak_memory_stats()
+        out["embedder_fwd_bwd_s"] = _median_time(embedder_fwd_bwd, args.repeats)
+        for e in token.embedders.values():
+            e.zero_grad(set_to_none=True)
         out["clip_fwd_bwd_s"] = _median_time(clip_fwd_bwd, args.repeats)
         out["unet_fwd_bwd_s"] = _median_time(unet_fwd_bwd, args.repeats)
         out["floor_s"] = out["clip_fwd_bwd_s"] + out["unet_fwd_bwd_s"]
@@ -145,6 +155,7 @@ def main(argv=None) -> dict:
         step_times = [b - a for a, b in zip(stamps, stamps[1:])]  # the first step warms up
         out["trainer_step_cached_s"] = statistics.median(step_times)
         out["step_over_floor"] = out["trainer_step_cached_s"] / out["floor_s"]
+        out["step_over_floor_plus_embedder"] = out["trainer_step_cached_s"] / (out["floor_s"] + out["embedder_fwd_bwd_s"])
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if gpu:
         out["peak_vram_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -10,7 +10,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..audiotoken_core.data import AudioImageDataset, PairList, build_train_batches, pairs_from_folder, pairs_from_videos, pairs_from_vggsound_csv
+from ..audiotoken_core.data import (AudioImageDataset, PairList, build_train_batches, load_clip_scorer, pairs_from_folder,
+                                   pairs_from_videos, pairs_from_vggsound_csv)
 from ..audiotoken_core.training.config import TrainConfig
 from ..audiotoken_core.training.trainer import Trainer, latest_checkpoint, new_audiotoken
 from . import model_folders as mf
@@ -22,7 +23,8 @@ from .runtime import LoadedAudioToken, LoadedEncoder
 DATASET = io.Custom("AUDIOTOKEN_DATASET")
 DATASET_SUBFOLDER = "audiotoken_datasets"
 DATASET_KINDS = ["audio + image pairs", "videos", "vggsound csv"]
-FRAME_CHOICES = ["middle", "random"]
+FRAME_CHOICES = ["middle", "random", "best CLIP score"]
+NO_SCORER = "none"
 PRECISIONS = ["fp32", "bf16", "fp16"]
 PROGRESS_EVENT = "audiotoken.train_progress"
 
@@ -34,6 +36,15 @@ class TrainingData:
     items: PairList
     name: str
     image_size: tuple[int, int]
+
+
+def _clip_scorer_folders() -> list[str]:
+    """transformers CLIP folders (config.json inside) in models/clip_vision, for CLIP-score frame picking."""
+    found = []
+    for base in folder_paths.get_folder_paths("clip_vision"):
+        if os.path.isdir(base):
+            found += [d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json"))]
+    return [NO_SCORER, *sorted(set(found))]
 
 
 def _dataset_root() -> str:
@@ -66,7 +77,11 @@ class AudioTokenDataset(io.ComfyNode):
                                 tooltip="For 'vggsound csv': the CSV file inside the folder (ytid,start,label,split). "
                                         "For pairs: an optional labels CSV (file,label). Empty = none."),
                 io.Combo.Input("frame", options=FRAME_CHOICES, default="middle",
-                               tooltip="For videos: the frame from the middle of the audio window, or a random one inside it."),
+                               tooltip="For videos: the frame from the middle of the audio window, a random one inside it, "
+                                       "or the one a CLIP model rates best against the label (the paper's choice)."),
+                io.Combo.Input("clip_scorer", options=_clip_scorer_folders(), default=NO_SCORER,
+                               tooltip="For 'best CLIP score': a transformers CLIP folder (config.json, safetensors, "
+                                       "tokenizer and processor files) in models/clip_vision."),
                 io.Int.Input("image_width", default=512, min=64, max=2048, step=8,
                              tooltip="Training image width (the reference uses 512 x 320)."),
                 io.Int.Input("image_height", default=320, min=64, max=2048, step=8, tooltip="Training image height."),
@@ -85,17 +100,27 @@ class AudioTokenDataset(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, folder, kind, csv_name, frame, image_width, image_height, check_files=True) -> io.NodeOutput:
+    def execute(cls, folder, kind, csv_name, frame, image_width, image_height, check_files=True,
+                clip_scorer=NO_SCORER) -> io.NodeOutput:
         root = mf.path_inside(_dataset_root(), folder, "Dataset folder")
+        scorer = None
+        if frame == "best CLIP score":
+            if clip_scorer == NO_SCORER:
+                raise ValueError("frame 'best CLIP score' needs a clip_scorer: put a transformers CLIP folder in "
+                                 "models/clip_vision and pick it, or choose frame 'middle'.")
+            base = next(b for b in folder_paths.get_folder_paths("clip_vision")
+                        if os.path.isfile(os.path.join(b, clip_scorer, "config.json")))
+            scorer = load_clip_scorer(mf.path_inside(base, clip_scorer, "CLIP folder"))
+        frame = "clip" if scorer is not None else frame
         csv_path = mf.path_inside(root, csv_name.strip(), "CSV file") if csv_name.strip() else None
         if kind == "audio + image pairs":
             items = pairs_from_folder(root, labels_csv=csv_path)
         elif kind == "videos":
-            items = pairs_from_videos(root, frame=frame)
+            items = pairs_from_videos(root, frame=frame, clip_scorer=scorer)
         else:
             if csv_path is None:
                 raise ValueError("'vggsound csv' needs csv_name: the CSV file inside the folder.")
-            items = pairs_from_vggsound_csv(csv_path, root, frame=frame)
+            items = pairs_from_vggsound_csv(csv_path, root, frame=frame, clip_scorer=scorer)
         if check_files and items:
             checked = AudioImageDataset(items, image_size=(image_width, image_height))
             bad = checked.scan()
