@@ -9,7 +9,6 @@ single-token word ("zebra") has its input-embedding row overwritten by the vecto
 from __future__ import annotations
 
 import importlib.util
-import math
 import numbers
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from tools.comfy_root import import_comfy
+from tools.learn_world import init_clip_weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,19 +55,7 @@ def _text_config(width: int) -> dict:
 
 def _init_weights(module: torch.nn.Module, seed: int) -> None:
     """ComfyUI layers are created with torch.empty: give every weight a seeded value."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            if name.endswith("logit_scale"):
-                continue
-            if "norm" in name and name.endswith(".weight"):
-                p.fill_(1.0)
-            elif "embedding" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            elif p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    init_clip_weights(module, seed)
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         assert torch.isfinite(t).all(), name
 

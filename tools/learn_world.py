@@ -231,8 +231,9 @@ def _init_unet(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
 
 
-def _init_clip(module: torch.nn.Module, seed: int) -> None:
-    """Random CLIP-L text weights under which the four class words give clearly different contexts."""
+def init_clip_weights(module: torch.nn.Module, seed: int) -> None:
+    """Seeded weights for a small ComfyUI CLIP text model (ComfyUI leaves them torch.empty):
+    norms 1, embeddings N(0, 0.5^2), matrices fan-in scaled; the class words give clearly different contexts."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(module.named_parameters()):
@@ -254,7 +255,7 @@ def _build_clip(comfy, seed: int):
         "hidden_size": CLIP_WIDTH, "intermediate_size": 2 * CLIP_WIDTH, "num_attention_heads": 4,
         "num_hidden_layers": 2, "vocab_size": 49408, "max_position_embeddings": 77}}
     clip = comfy.sd.CLIP(target=target, model_options=options)
-    _init_clip(clip.cond_stage_model, seed)
+    init_clip_weights(clip.cond_stage_model, seed)
     return clip
 
 
