@@ -182,6 +182,40 @@ class AudioTokenEmbedAudio(io.ComfyNode):
         return io.NodeOutput(emb)
 
 
+class AudioTokenEmbedWindows(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="AudioTokenEmbedWindows",
+            display_name="AudioToken Embed Windows (long audio)",
+            category=CATEGORY,
+            description="Slices a long recording into windows (e.g. 10 s every 10 s) and embeds each one, so a soundscape "
+                        "or a podcast becomes a batch: with 'AudioToken Conditioning' and an empty latent of the same batch "
+                        "size, KSampler draws one image per window.",
+            search_aliases=["audio windows", "soundscape", "long audio"],
+            inputs=[io.Audio.Input("audio", tooltip="A long recording (any rate 8-192 kHz, any channels)."),
+                    AUDIOTOKEN.Input("audiotoken", tooltip="From 'Load AudioToken'."),
+                    io.Float.Input("window_seconds", default=REFERENCE_CLIP_SECONDS, min=0.5, max=60.0, step=0.5,
+                                   tooltip="Length of each window (the paper hears 10 s)."),
+                    io.Float.Input("hop_seconds", default=REFERENCE_CLIP_SECONDS, min=0.5, max=3600.0, step=0.5,
+                                   tooltip="Distance between window starts; equal to the window for no overlap."),
+                    io.Int.Input("max_windows", default=64, min=1, max=4096,
+                                 tooltip="Refuse recordings that would give more windows than this (each is one image)."),
+                    io.Combo.Input("channels", options=CHANNEL_POLICIES, default="mix",
+                                   tooltip="How to make mono: 'mix' averages all channels; 'first' keeps channel 0.")],
+            outputs=[EMBEDDING.Output(display_name="audio_embedding", tooltip="One row per window."),
+                     io.Int.Output(display_name="count", tooltip="Number of windows: use it as the latent batch size."),
+                     io.String.Output(display_name="window_starts", tooltip="Start time of each window, in seconds.")],
+        )
+
+    @classmethod
+    def execute(cls, audio, audiotoken: LoadedAudioToken, window_seconds, hop_seconds, max_windows,
+                channels) -> io.NodeOutput:
+        emb, starts = audiotoken.embed_windows(audio, window_seconds=window_seconds, hop_seconds=hop_seconds,
+                                               max_windows=max_windows, channel_policy=channels)
+        return io.NodeOutput(emb, emb.batch_size, ", ".join(f"{s:g}" for s in starts))
+
+
 class AudioTokenConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -371,6 +405,7 @@ NODES = [
     AudioTokenLoader,
     AudioTokenEncode,
     AudioTokenEmbedAudio,
+    AudioTokenEmbedWindows,
     AudioTokenConditioning,
     AudioTokenBlend,
     AudioTokenSaveEmbedding,

@@ -66,6 +66,27 @@ class LoadedAudioToken:
         """ComfyUI AUDIO -> one AudioEmbedding row per clip of the batch."""
         wave16 = prepare_waveform(audio["waveform"], audio["sample_rate"], channel_policy=channel_policy,
                                   start_seconds=start_seconds, window_seconds=window_seconds, loop=loop)
+        return self._embed(wave16, f"{self.name} @ {start_seconds:g}s+{window_seconds:g}s")
+
+    def embed_windows(self, audio: dict, *, window_seconds: float, hop_seconds: float, max_windows: int,
+                      channel_policy: str) -> tuple[AudioEmbedding, list[float]]:
+        """One row per window (clip-major for a batch of clips) and the window start times.
+
+        Windows of `window_seconds` every `hop_seconds` that fit in the recording; a recording
+        shorter than one window gives one (looped) window, as everywhere else."""
+        rate = int(audio["sample_rate"])
+        seconds = audio["waveform"].shape[-1] / rate
+        count = 1 if seconds <= window_seconds else 1 + int((seconds - window_seconds) // hop_seconds + 1e-9)
+        if count > max_windows:
+            raise ValueError(f"The recording ({seconds:.1f} s) has {count} windows of {window_seconds:g} s every "
+                             f"{hop_seconds:g} s, more than max_windows={max_windows}. Raise max_windows or the hop.")
+        starts = [i * hop_seconds for i in range(count)]
+        waves = [prepare_waveform(audio["waveform"], rate, channel_policy=channel_policy, start_seconds=s,
+                                  window_seconds=window_seconds, loop=True) for s in starts]
+        wave16 = torch.stack(waves, dim=1).flatten(0, 1)  # [B * count, T], clip-major
+        return self._embed(wave16, f"{self.name} windows {window_seconds:g}s/{hop_seconds:g}s x{count}"), starts
+
+    def _embed(self, wave16: torch.Tensor, source: str) -> AudioEmbedding:
         mm.load_models_gpu([self.encoder.patcher, self.patcher])
         device = self.patcher.load_device
         parts = []
@@ -74,5 +95,4 @@ class LoadedAudioToken:
                 features = self.encoder.encoder(chunk.to(device))
                 parts.append(self.token.embed(features))
         vectors = {k: torch.cat([p.vectors[k] for p in parts]).float().cpu() for k in parts[0].vectors}
-        source = f"{self.name} @ {start_seconds:g}s+{window_seconds:g}s"
         return AudioEmbedding(vectors=vectors, source=source)

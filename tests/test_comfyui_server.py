@@ -28,7 +28,7 @@ def _cond(comfy: ComfyServer, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(comfy.base / "output" / f"{name}.safetensors"))
 
 
-NODE_IDS = ["AudioTokenEncoderLoader", "AudioTokenLoader", "AudioTokenEncode", "AudioTokenEmbedAudio",
+NODE_IDS = ["AudioTokenEncoderLoader", "AudioTokenLoader", "AudioTokenEncode", "AudioTokenEmbedAudio", "AudioTokenEmbedWindows",
             "AudioTokenConditioning", "AudioTokenBlend", "AudioTokenSaveEmbedding", "AudioTokenLoadEmbedding",
             "AudioTokenImportReference", "AudioTokenDataset", "AudioTokenTrain"]
 
@@ -279,3 +279,26 @@ def test_example_workflows_validate_and_run(comfy):
         entry = _ok(comfy.run(prompt))
         images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
         assert images, f"{path.name} produced no image"
+
+
+def test_long_recording_becomes_one_image_per_window(comfy):
+    g = graph(audio="one_hour.wav")
+    del g["encode"]
+    g["win"] = {"class_type": "AudioTokenEmbedWindows",
+                "inputs": {"audio": ["audio", 0], "audiotoken": ["tok", 0], "window_seconds": 10.0, "hop_seconds": 900.0,
+                           "max_windows": 8, "channels": "mix"}}
+    g["cond"] = {"class_type": "AudioTokenConditioning",
+                 "inputs": {"clip": ["ckpt", 1], "audio_embedding": ["win", 0], "text": "a photo of <audio>",
+                            "placeholder": "<audio>"}}
+    g["sample"]["inputs"]["positive"] = ["cond", 0]
+    g["latent"]["inputs"]["batch_size"] = ["win", 1]
+    g["savecond"] = {"class_type": "AudioTokenTest_SaveConditioning",
+                     "inputs": {"conditioning": ["cond", 0], "filename": "windows"}}
+    entry = _ok(comfy.run(g))
+    assert len(entry["outputs"]["save"]["images"]) == 4  # starts 0, 900, 1800, 2700 s
+    cond = _cond(comfy, "windows")["0.cond"]
+    assert cond.shape == (4, 77, 768)
+    assert (cond[0] - cond[1]).abs().max() > 1e-4  # different stretches of the recording, different words
+    g["win"]["inputs"]["hop_seconds"] = 10.0  # 360 windows > max_windows
+    err = execution_error(comfy.run(g))
+    assert err is not None and "max_windows" in err["exception_message"]
