@@ -149,6 +149,7 @@ def main(argv=None) -> dict:
     if args.result_json is not None:
         Path(str(args.result_json).replace("{rank}", str(rank))).write_text(json.dumps(result))
     if world > 1:
+        torch.distributed.barrier()  # every rank is done with gloo/NCCL before any tears it down
         torch.distributed.destroy_process_group()
     return result
 

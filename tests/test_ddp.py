@@ -57,6 +57,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         stop = resumed.run(should_stop=lambda: rank == 1 and resumed.step >= 3)
         result.update(resumed_step=stop.step, resumed_status=stop.status, resumed_weights=weights(resumed.token))
         torch.save(result, f"{out}/result{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (seen: SIGABRT under load)
     finally:
         dist.destroy_process_group()
 
