@@ -49,14 +49,18 @@ def _parse_layers(text: str) -> tuple[int, ...] | None:
     return layers
 
 
+def _channels_input():
+    return io.Combo.Input("channels", options=CHANNEL_POLICIES, default="mix",
+                          tooltip="How to make mono: 'mix' averages all channels; 'first' keeps channel 0 like the reference code.")
+
+
 def _window_inputs() -> list:
     return [
         io.Float.Input("start_seconds", default=0.0, min=0.0, max=86400.0, step=0.1,
                        tooltip="Where the window starts in the recording, in seconds."),
         io.Float.Input("window_seconds", default=REFERENCE_CLIP_SECONDS, min=0.5, max=60.0, step=0.5,
                        tooltip="Length of audio the token hears. The paper uses 10 s at inference, 5 s in training."),
-        io.Combo.Input("channels", options=CHANNEL_POLICIES, default="mix",
-                       tooltip="How to make mono: 'mix' averages all channels; 'first' keeps channel 0 like the reference code."),
+        _channels_input(),
         io.Boolean.Input("loop_short_audio", default=True,
                          tooltip="Loop clips shorter than the window (as the reference does); off pads with silence."),
     ]
@@ -201,8 +205,7 @@ class AudioTokenEmbedWindows(io.ComfyNode):
                                    tooltip="Distance between window starts; equal to the window for no overlap."),
                     io.Int.Input("max_windows", default=64, min=1, max=4096,
                                  tooltip="Refuse recordings that would give more windows than this (each is one image)."),
-                    io.Combo.Input("channels", options=CHANNEL_POLICIES, default="mix",
-                                   tooltip="How to make mono: 'mix' averages all channels; 'first' keeps channel 0.")],
+                    _channels_input()],
             outputs=[EMBEDDING.Output(display_name="audio_embedding", tooltip="One row per window."),
                      io.Int.Output(display_name="count", tooltip="Number of windows: use it as the latent batch size."),
                      io.String.Output(display_name="window_starts", tooltip="Start time of each window, in seconds.")],
