@@ -10,8 +10,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..audiotoken_core.data import (AudioImageDataset, PairList, build_train_batches, load_clip_scorer, pairs_from_folder,
-                                   pairs_from_videos, pairs_from_vggsound_csv)
+from ..audiotoken_core.data import (AudioImageDataset, PairList, build_train_batches, load_clip_scorer, module_fingerprint,
+                                   pairs_from_folder, pairs_from_videos, pairs_from_vggsound_csv)
 from ..audiotoken_core.training.config import TrainConfig
 from ..audiotoken_core.training.trainer import Trainer, latest_checkpoint, new_audiotoken
 from . import model_folders as mf
@@ -204,7 +204,9 @@ class AudioTokenTrain(io.ComfyNode):
                 encode_images=lambda x: backend.encode_images(x).float().cpu(),
                 cache_dir=cache_dir,
                 cache_settings={"encoder": audio_encoder.name, "spec": encoder.spec.to_dict(),
-                                "vae": type(vae.first_stage_model).__name__, "model": type(model.model).__name__})
+                                "encoder_weights": module_fingerprint(encoder),
+                                "vae_weights": module_fingerprint(vae.first_stage_model),
+                                "latent_format": type(model.model.latent_format).__name__})
             token = new_audiotoken(backend.widths, encoder.spec, seed=seed, placeholder=DEFAULT_PLACEHOLDER,
                                    description=f"trained on '{dataset.name}' ({len(dataset.items)} pairs)")
             trainer = Trainer(config, backend, token, encoder, batches, run_dir, device=device)

@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     import_pack()
     import comfy.sd
 
-    from audiotoken.audiotoken_core.data import build_train_batches
+    from audiotoken.audiotoken_core.data import build_train_batches, module_fingerprint
     from audiotoken.audiotoken_core.encoders import load_audio_encoder
     from audiotoken.audiotoken_core.training.config import TrainConfig
     from audiotoken.audiotoken_core.training.trainer import Trainer, new_audiotoken
@@ -129,7 +129,9 @@ def main(argv=None) -> dict:
             encode_audio=lambda w: encoder(w.to(device)).float().cpu(),
             encode_images=lambda x: backend.encode_images(x).float().cpu(),
             cache_dir=args.cache_dir,
-            cache_settings={"encoder": str(args.encoder), "spec": encoder.spec.to_dict(), "checkpoint": str(args.checkpoint)},
+            cache_settings={"encoder": str(args.encoder), "spec": encoder.spec.to_dict(),
+                            "encoder_weights": module_fingerprint(encoder),
+                            "vae_weights": module_fingerprint(vae.first_stage_model)},
             rank=rank, world_size=world, num_workers=args.workers)
         token = new_audiotoken(backend.widths, encoder.spec, seed=args.seed, description=f"trained on {args.data}",
                                pooling_dropout=args.pooling_dropout)

@@ -74,3 +74,11 @@ def test_cache_runs_the_frozen_models_once(items, tmp_path):
     second = build_train_batches(items, **kwargs)
     list(second)
     assert calls == made  # everything came from disk
+
+
+def test_module_fingerprint_tells_weights_apart():
+    from audiotoken_core.data import module_fingerprint
+
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    assert module_fingerprint(a) == module_fingerprint(a) and len(module_fingerprint(a)) == 16
+    assert module_fingerprint(a) != module_fingerprint(b)

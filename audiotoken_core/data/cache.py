@@ -460,3 +460,14 @@ class CachedFeatures(Dataset):
                              "was the cache folder changed during the run? call precompute() again")
         return {"features": audio["features"].float(), "latents": image["latents"].float(), "label": item.label,
                 "id": item.item_id, "window_start": start, "frame_seconds": None, "problems": []}
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A short id of a model's weights for `key_settings`: two VAEs (or encoders) of one class
+    must not share cached outputs. Hashes the first and last two tensors of the state dict."""
+    h = hashlib.sha256()
+    tensors = list(module.state_dict().items())
+    for name, t in tensors[:2] + tensors[-2:]:
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
