@@ -274,6 +274,7 @@ def test_example_workflows_validate_and_run(comfy):
     for path in files:
         workflow = json.loads(path.read_text())
         assert any(n["type"] in ("Note", "MarkdownNote") for n in workflow["nodes"]), f"{path.name} has no note"
+        assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail (python -m tools.workflow_thumbnail)"
         prompt, problems = convert(workflow, info, overrides)
         assert not problems, f"{path.name}: {problems}"
         entry = _ok(comfy.run(prompt))
