@@ -50,12 +50,14 @@ precision modules.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .config_fields import known_fields
 
 __all__ = [
     "EmbedderConfig",
@@ -193,15 +195,7 @@ class EmbedderConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EmbedderConfig":
-        if not isinstance(data, Mapping):
-            raise ValueError(f"EmbedderConfig.from_dict expects a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown EmbedderConfig field(s) {unknown}; expected some of {sorted(known)}"
-            )
-        return cls(**dict(data))
+        return cls(**known_fields(cls, data))
 
 
 class UnaryPotential(nn.Module):

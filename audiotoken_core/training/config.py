@@ -8,8 +8,10 @@ a checkpoint every 1000 steps, fp32. The classification loss is off by default
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
+
+from ..config_fields import known_fields
 
 __all__ = ["TrainConfig", "PRECISIONS", "LR_SCHEDULES", "REFERENCE_LAMBDA_CL"]
 
@@ -145,13 +147,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error (they are usually typos)."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"TrainConfig.from_dict expects a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
-        values = dict(data)
+        values = known_fields(cls, data)
         if "betas" in values and isinstance(values["betas"], list):
             values["betas"] = tuple(values["betas"])
         return cls(**values)
