@@ -128,7 +128,6 @@ def main(argv=None) -> dict:
 def _requeue_cost(tmp: Path) -> dict:
     """Queue the same graph twice on a real server; the second run should be all cache hits."""
     from tools.comfy_server import ComfyServer
-    from tools.placeholder_beats import write_placeholder_beats
     from tools.placeholder_sd import write_placeholder_sd15
 
     import shutil

@@ -15,7 +15,6 @@ import torch
 from audiotoken_core.encoders import AudioEncoder, AudioEncoderFileError, EncoderSpec, load_audio_encoder
 from audiotoken_core.hf_encoders import AST_DEFAULT_MEAN, AST_DEFAULT_STD, HFAudioEncoder, ast_features, zero_mean_unit_var
 
-import transformers  # noqa: E402  (a hard dependency of the pack)
 from transformers import (  # noqa: E402
     ASTConfig,
     ASTFeatureExtractor,
