@@ -18,7 +18,7 @@ from audiotoken_core.embedder import Embedder, EmbedderConfig
 from audiotoken_core.token_file import AudioToken, save_audiotoken
 from tools.comfy_server import ComfyServer
 from tools.placeholder_beats import write_placeholder_beats
-from tools.placeholder_sd import write_placeholder_sd15
+from tools.placeholder_sd import write_placeholder_sd15, write_placeholder_sdxl
 
 CKPT = "sd15_tiny.safetensors"
 BEATS = "beats_small.pt"
@@ -27,6 +27,10 @@ BEATS_SMALL = dict(encoder_layers=12, encoder_embed_dim=64, encoder_ffn_embed_di
 TOKEN_SD15 = "token_sd15.safetensors"
 TOKEN_SD2 = "token_sd2_width1024.safetensors"
 LAYERS = [4, 8, 12]
+REFERENCE_BIN = "embedder_learned_embeds.bin"  # the authors' release format (SD1.4, BEATs base layers 4, 8, 12)
+CKPT_SDXL = "sdxl_koala_tiny.safetensors"
+TOKEN_SDXL = "token_sdxl.safetensors"
+BEATS_BASE = "beats_base_full_size.pt"  # BEATs base shapes (768 wide): what the reference release reads
 
 
 def _token(widths: dict[str, int], seed: int) -> AudioToken:
@@ -35,6 +39,14 @@ def _token(widths: dict[str, int], seed: int) -> AudioToken:
     embedders = {k: Embedder(EmbedderConfig(input_dim=feature_dim, output_dim=w)) for k, w in widths.items()}
     encoder = {"kind": "beats", "layers": LAYERS, "hidden_size": BEATS_SMALL["encoder_embed_dim"], "sample_rate": 16000}
     return AudioToken(embedders=embedders, encoder=encoder, description="random test token")
+
+
+def write_reference_bin(path) -> torch.nn.Module:
+    """A random Embedder saved exactly as the authors released theirs: torch.save(state_dict), 2304 -> 768."""
+    torch.manual_seed(5)
+    reference = Embedder(EmbedderConfig(input_dim=2304, output_dim=768))
+    torch.save(reference.state_dict(), path)
+    return reference
 
 
 def _sox(*args: str) -> None:
@@ -53,6 +65,7 @@ def comfy(tmp_path_factory, cc0_recordings):
         write_placeholder_beats(models / "audio_encoders" / BEATS, seed=1, **BEATS_SMALL)
         save_audiotoken(models / "audiotoken" / TOKEN_SD15, _token({"l": 768}, seed=2))
         save_audiotoken(models / "audiotoken" / TOKEN_SD2, _token({"h": 1024}, seed=3))
+        write_reference_bin(models / "audiotoken" / REFERENCE_BIN)
         (models / "audio_encoders" / "not_beats.safetensors").write_bytes(
             (models / "audiotoken" / TOKEN_SD15).read_bytes())
         inp = base / "input"
@@ -68,6 +81,19 @@ def comfy(tmp_path_factory, cc0_recordings):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def sdxl_and_base_models(comfy):
+    """Written only when a test asks: an SDXL-family checkpoint (1.9 GB, about 12 s), an SDXL AudioToken
+    (Embedders 'g' 1280 and 'l' 768 on the small BEATs) and a BEATs with the real base shapes (363 MB)."""
+    models = comfy.base / "models"
+    write_placeholder_sdxl(models / "checkpoints" / CKPT_SDXL)
+    save_audiotoken(models / "audiotoken" / TOKEN_SDXL, _token({"g": 1280, "l": 768}, seed=6))
+    write_placeholder_beats(models / "audio_encoders" / BEATS_BASE, seed=4)
+    yield CKPT_SDXL, TOKEN_SDXL, BEATS_BASE
+    for big in (models / "checkpoints" / CKPT_SDXL, models / "audio_encoders" / BEATS_BASE):
+        big.unlink(missing_ok=True)  # pytest keeps the last three sessions' folders: do not keep 2.3 GB each time
 
 
 def graph(audio="dog.mp3", text="a photo of <audio>", token=TOKEN_SD15, encoder=BEATS, save="image",

@@ -32,8 +32,10 @@ def _options(spec: list) -> list | None:
 
 
 def _has_control_widget(name: str, spec: list) -> bool:
+    """The frontend adds a 'control after generate' widget (saved right after the value) to INT inputs that
+    ask for one, and to INT inputs named seed / noise_seed unless they say control_after_generate: false."""
     opts = spec[1] if len(spec) > 1 else {}
-    return spec[0] == "INT" and (opts.get("control_after_generate") or name in SEED_NAMES)
+    return spec[0] == "INT" and bool(opts.get("control_after_generate", name in SEED_NAMES))
 
 
 def convert(workflow: dict, object_info: dict, overrides: dict[str, dict] | None = None) -> tuple[dict, list[str]]:
@@ -90,8 +92,77 @@ def convert(workflow: dict, object_info: dict, overrides: dict[str, dict] | None
                 inputs[name] = [str(src_id), src_slot]
             elif value is None and name in info["input"].get("required", {}):
                 problems.append(f"{where}: required input '{name}' has neither a link nor a value")
+        if any(v is not None for v in values):
+            problems.append(f"{where}: {len(values)} widget values left over ({values[:3]}): the saved values do not "
+                            f"line up with the server's inputs")
         prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
     return prompt, problems
+
+
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above `pos`
+
+
+def format_problems(workflow: dict) -> list[str]:
+    """Structure checks against what the ComfyUI frontend (1.32) saves, without a server.
+
+    Version 0.4; links as [id, origin_id, origin_slot, target_id, target_slot, type], consistent with
+    the nodes' `inputs[].link` and `outputs[].links`; last_node_id / last_link_id not below the ids in
+    use; no two nodes overlapping (title bars included), so the graph reads cleanly when opened.
+    """
+    problems: list[str] = []
+    if workflow.get("version") != 0.4:
+        problems.append(f"version is {workflow.get('version')!r}, the frontend saves 0.4")
+    nodes = {}
+    for n in workflow.get("nodes", []):
+        missing = {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties"} - set(n)
+        if missing:
+            problems.append(f"node {n.get('id')}: missing {sorted(missing)}")
+        if n.get("id") in nodes:
+            problems.append(f"node id {n['id']} used twice")
+        nodes[n.get("id")] = n
+    links = workflow.get("links", [])
+    ids = [link[0] for link in links if isinstance(link, list)]
+    if len(set(ids)) != len(ids):
+        problems.append("link ids are not unique")
+    if nodes and workflow.get("last_node_id", -1) < max(k for k in nodes if isinstance(k, int)):
+        problems.append("last_node_id is below the largest node id")
+    if ids and workflow.get("last_link_id", -1) < max(ids):
+        problems.append("last_link_id is below the largest link id")
+    for link in links:
+        if not (isinstance(link, list) and len(link) == 6 and all(isinstance(x, int) for x in link[:5])
+                and isinstance(link[5], str)):
+            problems.append(f"link {link!r} is not [id, origin_id, origin_slot, target_id, target_slot, type]")
+            continue
+        lid, src, src_slot, dst, dst_slot, kind = link
+        s, d = nodes.get(src), nodes.get(dst)
+        if s is None or d is None:
+            problems.append(f"link {lid} joins missing node {src if s is None else dst}")
+            continue
+        outs, ins = s.get("outputs", []), d.get("inputs", [])
+        if src_slot >= len(outs) or lid not in (outs[src_slot].get("links") or []):
+            problems.append(f"link {lid}: node {src} output {src_slot} does not list it")
+        elif outs[src_slot]["type"] not in (kind, "*"):
+            problems.append(f"link {lid} has type {kind} but node {src} output {src_slot} is {outs[src_slot]['type']}")
+        if dst_slot >= len(ins) or ins[dst_slot].get("link") != lid:
+            problems.append(f"link {lid}: node {dst} input {dst_slot} does not point back at it")
+        elif ins[dst_slot]["type"] not in (kind, "*"):
+            problems.append(f"link {lid} has type {kind} but node {dst} input {dst_slot} is {ins[dst_slot]['type']}")
+    known = set(ids)
+    for n in nodes.values():
+        for i in n.get("inputs", []):
+            if i.get("link") is not None and i["link"] not in known:
+                problems.append(f"node {n['id']} input {i['name']} points at missing link {i['link']}")
+        for o in n.get("outputs", []):
+            for lid in o.get("links") or []:
+                if lid not in known:
+                    problems.append(f"node {n['id']} output {o['name']} lists missing link {lid}")
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in nodes.values() if "pos" in n and "size" in n]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]:
+                problems.append(f"nodes {a[0]} and {b[0]} overlap")
+    return problems
 
 
 def _types_match(out_type: str, in_type: str) -> bool:

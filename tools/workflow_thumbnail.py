@@ -16,14 +16,17 @@ from PIL import Image, ImageDraw
 
 SIZE = (640, 400)
 PACK_COLOR, CORE_COLOR, NOTE_COLOR = (42, 77, 99), (60, 60, 66), (80, 72, 40)
+GROUP_COLOR = (52, 74, 92)
 
 
 def draw(workflow: dict, size: tuple[int, int] = SIZE) -> Image.Image:
     nodes = workflow["nodes"]
-    x0 = min(n["pos"][0] for n in nodes)
-    y0 = min(n["pos"][1] for n in nodes)
-    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
-    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    groups = workflow.get("groups") or []
+    rects = [(*n["pos"], *n["size"]) for n in nodes] + [tuple(g["bounding"]) for g in groups]
+    x0 = min(r[0] for r in rects)
+    y0 = min(r[1] for r in rects)
+    x1 = max(r[0] + r[2] for r in rects)
+    y1 = max(r[1] + r[3] for r in rects)
     margin = 16
     scale = min((size[0] - 2 * margin) / (x1 - x0), (size[1] - 2 * margin) / (y1 - y0))
 
@@ -34,6 +37,11 @@ def draw(workflow: dict, size: tuple[int, int] = SIZE) -> Image.Image:
 
     img = Image.new("RGB", size, (24, 24, 28))
     d = ImageDraw.Draw(img)
+    for g in groups:  # behind everything, titled like the canvas draws them
+        gx, gy, gw, gh = g["bounding"]
+        left, top = margin + (gx - x0) * scale, margin + (gy - y0) * scale
+        d.rectangle([left, top, left + gw * scale, top + gh * scale], fill=(32, 38, 46), outline=GROUP_COLOR, width=2)
+        d.text((left + 5, top + 4), g.get("title", ""), fill=(170, 200, 225))
     by_id = {n["id"]: n for n in nodes}
     for _, src, _, dst, _, _ in workflow.get("links", []):
         a, b = box(by_id[src]), box(by_id[dst])

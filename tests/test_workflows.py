@@ -1,0 +1,251 @@
+"""The example workflows in workflows/ on a REAL ComfyUI server (0.3.75).
+
+Each UI-format workflow is checked against the server's /object_info (node types exist, widget
+values are valid, links connect matching types), converted to the API format by our own code
+(tools/workflow_api.py) and executed on the small generated models, with per-workflow widget
+overrides for the files this machine has and for tiny sizes (64 x 64, 2 sampler steps, 2
+training steps). Every workflow must make an image; the import workflow is run the way its
+note tells a user to (queue, refresh, queue again).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from audio_files import write_tone
+from audiotoken_core.token_file import load_audiotoken
+from comfy_fixtures import BEATS, CKPT, REFERENCE_BIN, TOKEN_SD15, sdxl_and_base_models  # noqa: F401 (fixture)
+from tools.comfy_server import execution_error
+from tools.workflow_api import convert, format_problems
+
+pytestmark = pytest.mark.comfyui
+
+WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+SD15_SIMPLE = ["audiotoken_sd15_audio_to_image", "audiotoken_sd15_text_styling", "audiotoken_sd15_blend_two_sounds",
+               "audiotoken_sd15_long_audio_windows"]
+SDXL = "audiotoken_sdxl_audio_to_image"
+TRAIN = "audiotoken_sd15_train_from_folder"
+IMPORT = "audiotoken_import_reference"
+ALL = [*SD15_SIMPLE, SDXL, TRAIN, IMPORT]
+DATASET = "workflow_tones"
+
+# What this machine has, and small sizes; applied to every node of the class.
+COMMON = {"CheckpointLoaderSimple": {"ckpt_name": CKPT}, "AudioTokenEncoderLoader": {"encoder_name": BEATS},
+          "AudioTokenLoader": {"audiotoken_name": TOKEN_SD15}, "LoadAudio": {"audio": "dog.mp3"},
+          "KSampler": {"steps": 2}, "EmptyLatentImage": {"width": 64, "height": 64}}
+
+
+def _overrides(**per_class: dict) -> dict:
+    out = {k: dict(v) for k, v in COMMON.items()}
+    for kind, values in per_class.items():
+        out.setdefault(kind, {}).update(values)
+    return out
+
+
+def _load(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+
+
+def _ok(entry: dict) -> dict:
+    err = execution_error(entry)
+    assert err is None, f"{err.get('exception_type')}: {err.get('exception_message')}\n{err.get('traceback')}"
+    return entry
+
+
+def _images(comfy, entry: dict) -> list[Path]:
+    return [comfy.base / "output" / img["subfolder"] / img["filename"]
+            for out in entry["outputs"].values() for img in out.get("images", [])]
+
+
+def _convert_ok(comfy, name: str, overrides: dict) -> dict:
+    prompt, problems = convert(_load(name), comfy.get("/object_info"), overrides)
+    assert not problems, f"{name}: {problems}"
+    return prompt
+
+
+def test_every_example_workflow_is_there_with_note_thumbnail_and_frontend_format():
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(ALL)
+    for name in ALL:
+        workflow = _load(name)
+        assert any(n["type"] == "MarkdownNote" for n in workflow["nodes"]), f"{name} has no note"
+        assert (WORKFLOWS / f"{name}.jpg").is_file(), f"{name} has no thumbnail (python -m tools.workflow_thumbnail)"
+        assert not format_problems(workflow), f"{name}: {format_problems(workflow)}"
+
+
+@pytest.mark.parametrize("name", SD15_SIMPLE)
+def test_sd15_workflows_validate_and_run(comfy, name):
+    entry = _ok(comfy.run(_convert_ok(comfy, name, COMMON)))
+    images = _images(comfy, entry)
+    assert images, f"{name} produced no image"
+    for path in images:
+        with Image.open(path) as img:
+            assert img.size == (64, 64)
+
+
+def _sdxl_overrides(models) -> dict:
+    ckpt, token, _ = models
+    return _overrides(CheckpointLoaderSimple={"ckpt_name": ckpt}, AudioTokenLoader={"audiotoken_name": token})
+
+
+def test_sdxl_workflow_validates_and_runs(comfy, sdxl_and_base_models):
+    entry = _ok(comfy.run(_convert_ok(comfy, SDXL, _sdxl_overrides(sdxl_and_base_models)), timeout=600))
+    images = _images(comfy, entry)
+    assert len(images) == 1
+    with Image.open(images[0]) as img:
+        assert img.size == (64, 64)
+
+
+def test_sdxl_workflow_conditions_both_text_encoders(comfy, sdxl_and_base_models):
+    """SDXL cond is CLIP-L (768) ++ bigG (1280) = 2048 wide, pooled 1280 from bigG; both Embedders act."""
+    prompt = _convert_ok(comfy, SDXL, _sdxl_overrides(sdxl_and_base_models))
+    encode = next(k for k, v in prompt.items() if v["class_type"] == "AudioTokenEncode")
+    graph = {k: v for k, v in prompt.items() if v["class_type"] not in ("KSampler", "VAEDecode", "SaveImage")}
+    graph["cat"] = {"class_type": "LoadAudio", "inputs": {"audio": "cat.mp3"}}
+    graph["encode_cat"] = {"class_type": "AudioTokenEncode",
+                           "inputs": dict(prompt[encode]["inputs"], audio=["cat", 0])}
+    for node, filename in ((encode, "sdxl_dog"), ("encode_cat", "sdxl_cat")):
+        graph[f"save_{filename}"] = {"class_type": "AudioTokenTest_SaveConditioning",
+                                     "inputs": {"conditioning": [node, 0], "filename": filename}}
+    _ok(comfy.run(graph))
+    dog, cat = (load_file(str(comfy.base / "output" / f"{f}.safetensors")) for f in ("sdxl_dog", "sdxl_cat"))
+    assert dog["0.cond"].shape == (1, 77, 2048) and dog["0.pooled"].shape == (1, 1280)
+    assert torch.isfinite(dog["0.cond"]).all() and torch.isfinite(dog["0.pooled"]).all()
+    diff = (dog["0.cond"] - cat["0.cond"]).abs()
+    assert diff[..., :768].max() > 1e-4, "the 'l' Embedder's vector did not reach CLIP-L"
+    assert diff[..., 768:].max() > 1e-4, "the 'g' Embedder's vector did not reach OpenCLIP-bigG"
+    assert (dog["0.pooled"] - cat["0.pooled"]).abs().max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def workflow_dataset(comfy):
+    """Two labels x two audio + image pairs in input/audiotoken_datasets/workflow_tones."""
+    root = comfy.base / "input" / "audiotoken_datasets" / DATASET
+    for label, freq, colour in (("low", 300, (200, 30, 30)), ("high", 3000, (30, 30, 200))):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            write_tone(root / label / f"{label}{i}.wav", freq * (1 + 0.1 * i))
+            Image.new("RGB", (80, 48), colour).save(root / label / f"{label}{i}.png")
+    return DATASET
+
+
+def test_training_workflow_trains_and_the_new_token_draws(comfy, workflow_dataset):
+    overrides = _overrides(
+        AudioTokenDataset={"folder": workflow_dataset, "image_width": 64, "image_height": 64},
+        AudioTokenTrain={"name": "workflow_trained", "steps": 2, "batch_size": 2, "save_every": 2})
+    entry = _ok(comfy.run(_convert_ok(comfy, TRAIN, overrides), timeout=900))
+    workflow = _load(TRAIN)
+    by_type = {n["type"]: str(n["id"]) for n in workflow["nodes"]}
+    report = entry["outputs"][by_type["PreviewAny"]]["text"][0]
+    assert report.startswith(f"4 pairs in '{workflow_dataset}'"), report
+    token = load_audiotoken(comfy.base / "models" / "audiotoken" / "workflow_trained.safetensors")
+    assert token.widths == {"l": 768} and token.training["step"] == 2
+    images = _images(comfy, entry)
+    assert len(images) == 2  # the loss curve and the image drawn with the new token
+    sizes = sorted(Image.open(p).size for p in images)
+    assert (64, 64) in sizes
+
+
+def test_import_workflow_imports_then_draws_after_a_refresh(comfy, sdxl_and_base_models):
+    """Queue 1 imports (Load AudioToken is flagged: its file does not exist yet), refresh, queue 2 draws."""
+    overrides = _overrides(AudioTokenEncoderLoader={"encoder_name": sdxl_and_base_models[2]})
+    del overrides["AudioTokenLoader"]  # keep the workflow's own file name: the one the import writes
+    workflow = _load(IMPORT)
+    written = next(n for n in workflow["nodes"] if n["type"] == "AudioTokenLoader")["widgets_values"][0]
+    importer = next(n for n in workflow["nodes"] if n["type"] == "AudioTokenImportReference")
+    assert importer["widgets_values"] == [REFERENCE_BIN, written.removesuffix(".safetensors")]
+    target = comfy.base / "models" / "audiotoken" / written
+    assert not target.exists()
+
+    prompt, problems = convert(workflow, comfy.get("/object_info"), overrides)
+    assert len(problems) == 1 and "AudioTokenLoader" in problems[0] and written in problems[0], problems
+    status, body = comfy.queue(prompt)
+    assert status == 200, body  # ComfyUI runs the valid outputs and reports the invalid ones
+    loader = next(k for k, v in prompt.items() if v["class_type"] == "AudioTokenLoader")
+    assert set(body["node_errors"]) == {loader}, body["node_errors"]
+    entry = _ok(comfy.wait(body["prompt_id"]))
+    preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewAny")
+    assert entry["outputs"][preview]["text"] == [written]
+    assert target.is_file() and load_audiotoken(target).widths == {"l": 768}
+
+    # "Press r": the lists are read again, the name is now valid, and the import is a cache hit.
+    entry = _ok(comfy.run(_convert_ok(comfy, IMPORT, overrides)))
+    images = _images(comfy, entry)
+    assert len(images) == 1
+    cached = [data["nodes"] for kind, data in entry["status"]["messages"] if kind == "execution_cached"]
+    assert cached and str(importer["id"]) in cached[0]
+
+
+# --- the real frontend (comfyui-frontend-package, 1.32.9 with ComfyUI 0.3.75) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def frontend_page(tmp_path_factory, cc0_recordings):
+    """A ComfyUI serving the frontend, with files of the names the workflows pick (nothing is run)."""
+    import shutil
+
+    from test_browser import CHROMIUM, CHROMIUM_ARGS, Page, _frontend_static, _missing
+    from tools.comfy_server import ComfyServer
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("playwright is not installed (pip install -r requirements-test.txt)")
+    if not Path(CHROMIUM).is_file():
+        _missing(f"{CHROMIUM} is missing (apt-get install chromium)")
+    server = ComfyServer(tmp_path_factory.mktemp("comfy_workflow_ui"), front_end_root=_frontend_static(), test_nodes=False)
+    try:
+        for name in ALL:
+            for node in _load(name)["nodes"]:
+                folder = {"CheckpointLoaderSimple": "models/checkpoints", "AudioTokenEncoderLoader": "models/audio_encoders",
+                          "AudioTokenLoader": "models/audiotoken", "AudioTokenImportReference": "models/audiotoken"}
+                if node["type"] in folder:
+                    (server.base / folder[node["type"]] / node["widgets_values"][0]).touch()
+                if node["type"] == "AudioTokenDataset":
+                    (server.base / "input" / "audiotoken_datasets" / node["widgets_values"][0]).mkdir(parents=True, exist_ok=True)
+                if node["type"] == "LoadAudio":
+                    shutil.copy(next(p for p in cc0_recordings if p.name == node["widgets_values"][0]),
+                                server.base / "input" / node["widgets_values"][0])
+        server.wait_ready()
+        server.request("POST", "/settings/Comfy.TutorialCompleted", True)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = Page(browser, server)
+            try:
+                yield page
+            finally:
+                page.close()
+                browser.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("name", ALL)
+def test_workflow_loads_unchanged_in_the_frontend_and_sends_what_we_convert(frontend_page, name):
+    """The frontend keeps every widget value, grows no node (so nothing overlaps: our audio previews and charts
+    make some nodes tall) and sends, apart from its own UI-only widgets, exactly the prompt tools.workflow_api makes."""
+    from test_browser import APP
+
+    workflow = _load(name)
+    frontend_page.js(f"async (wf) => {{ await {APP}.loadGraphData(wf); }}", workflow)
+    frontend_page.page.wait_for_timeout(500)
+    saved = json.loads(frontend_page.js(f"() => JSON.stringify({APP}.graph.serialize())"))
+    original = {n["id"]: n for n in workflow["nodes"]}
+    for node in saved["nodes"]:
+        mine = original[node["id"]]
+        assert node.get("widgets_values", []) == mine.get("widgets_values", []), (node["id"], node["type"])
+        assert node["size"] == mine["size"], f"node {node['id']} ({node['type']}) grows to {node['size']} in the frontend"
+    assert saved["version"] == workflow["version"] and saved["links"] == workflow["links"]
+    sent = frontend_page.js(f"async () => (await {APP}.graphToPrompt()).output")
+    ours, problems = convert(workflow, frontend_page.server.get("/object_info"))
+    assert not problems, problems
+    ui_only = {"LoadAudio": {"audioUI"}, "PreviewAny": {"preview"}}
+    for node_id, node in sent.items():
+        inputs = {k: v for k, v in node["inputs"].items() if k not in ui_only.get(node["class_type"], set())}
+        assert {"class_type": node["class_type"], "inputs": inputs} == ours[node_id], node_id
+    assert set(sent) == set(ours)
