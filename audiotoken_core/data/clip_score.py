@@ -2,7 +2,8 @@
 
 A local transformers CLIP folder (config.json + safetensors, tokenizer and image-processor
 files) rates candidate frames with cosine(image, "a photo of <label>"); the dataset keeps
-the best one. Never downloads: local_files_only.
+the best one. Never downloads: local_files_only. The CLIP itself is the evaluation code's
+:class:`~audiotoken_core.evaluation.clip_models.HFClip` (one loader for both uses).
 """
 from __future__ import annotations
 
@@ -16,24 +17,14 @@ ClipScorer = Callable[[Sequence["PIL.Image.Image"], str], list[float]]  # noqa: 
 
 def load_clip_scorer(folder: str | Path, template: str = "a photo of {}", device: str | torch.device = "cpu") -> ClipScorer:
     """`scorer(frames, label) -> [cosine per frame]` from a local CLIPModel folder."""
-    from transformers import CLIPModel, CLIPProcessor
+    from ..evaluation.clip_models import load_hf_clip  # lazy: evaluation may import data
 
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: point at a local transformers CLIP folder "
-                                f"(save_pretrained output with the processor files).")
-    model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval().to(device)
-    processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    clip = load_hf_clip(folder, device=device)
 
-    @torch.no_grad()
     def scorer(frames, label: str) -> list[float]:
-        text = processor(text=[template.format(label)], return_tensors="pt", padding=True)
-        images = processor(images=list(frames), return_tensors="pt")
-        t = model.get_text_features(**{k: v.to(device) for k, v in text.items()})
-        i = model.get_image_features(pixel_values=images["pixel_values"].to(device))
-        t, i = (getattr(x, "pooler_output", x) for x in (t, i))
-        t = torch.nn.functional.normalize(t.float(), dim=-1)
-        i = torch.nn.functional.normalize(i.float(), dim=-1)
-        return (i @ t[0]).cpu().tolist()
+        text = clip.embed_texts([template.format(label)])
+        images = clip.embed_images(list(frames))
+        return (images @ text[0]).tolist()
 
+    scorer.clip = clip
     return scorer

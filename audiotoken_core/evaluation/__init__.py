@@ -1,0 +1,22 @@
+"""Evaluation of AudioTokens with the paper's metrics (AIS, IIS, AIC, FID); plain torch.
+
+`metrics` holds the metric definitions and the protocol; `inception` the FID feature
+model (a local TorchScript file), `wav2clip` our port of the Wav2CLIP audio encoder (for
+AIS), `clip_models` a local transformers CLIP (image and text embeddings). Model files are
+always local; nothing is downloaded. See docs/evaluation.md.
+"""
+from .clip_models import HFClip, load_hf_clip
+from .inception import FID_INCEPTION_SHA1, FidInception, find_fid_inception_file, load_fid_inception
+from .metrics import (
+    AIC_THRESHOLD, MetricInputError, activation_statistics, arbitrary_indices, audio_image_score,
+    frechet_distance, frechet_distance_from_statistics, image_image_score, label_agreement, zero_shot_labels,
+)
+from .wav2clip import SAMPLE_RATE, Wav2CLIP, Wav2CLIPCheckpointError, Wav2CLIPConfig, load_wav2clip
+
+__all__ = [
+    "AIC_THRESHOLD", "MetricInputError", "activation_statistics", "arbitrary_indices", "audio_image_score",
+    "frechet_distance", "frechet_distance_from_statistics", "image_image_score", "label_agreement",
+    "zero_shot_labels", "FID_INCEPTION_SHA1", "FidInception", "find_fid_inception_file", "load_fid_inception",
+    "SAMPLE_RATE", "Wav2CLIP", "Wav2CLIPCheckpointError", "Wav2CLIPConfig", "load_wav2clip",
+    "HFClip", "load_hf_clip",
+]
