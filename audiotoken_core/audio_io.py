@@ -82,3 +82,21 @@ def load_audio_file(path: str | os.PathLike) -> tuple[torch.Tensor, int]:
         raise AudioFileError(f"could not decode {path}: no audio samples were found (empty or truncated file); {_FIX}")
     waveform = torch.from_numpy(np.concatenate(chunks, axis=1))
     return waveform, int(rate)
+
+
+def save_wav(path: str | os.PathLike, samples: np.ndarray, rate: int, codec: str = "pcm_s16le") -> None:
+    """Write mono float samples [T] (or [1, T]) in [-1, 1] as a WAV file with PyAV.
+
+    `codec="pcm_f32le"` keeps the floats exactly (and can hold NaN, which tests need).
+    """
+    import av
+
+    samples = np.asarray(samples, dtype=np.float32).reshape(1, -1)
+    with av.open(str(path), "w", format="wav") as out:
+        stream = out.add_stream(codec, rate=int(rate), layout="mono")
+        frame = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
+        frame.sample_rate = int(rate)
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)

@@ -242,6 +242,21 @@ class AudioToken:
 # --------------------------------------------------------------------------- saving
 
 
+def weights_digest(token: AudioToken) -> str:
+    """sha256 (hex) of every Embedder tensor: identifies the weights, not the file name.
+
+    Equal digests mean bitwise-equal weights (across ranks, runs, renamed files).
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, embedder in sorted(token.embedders.items()):
+        for name, tensor in sorted(embedder.state_dict().items()):
+            h.update(f"{key}.{name}".encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_audiotoken(path: str | os.PathLike, token: AudioToken) -> None:
     """Write ``token`` as an AudioToken ``.safetensors`` file (atomically)."""
     from safetensors.torch import save_file

@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .audiotoken_nodes import NODES as INFERENCE_NODES
+from .eval_nodes import NODES as EVALUATION_NODES
 from .model_folders import register_model_folders
 from .train_nodes import NODES as TRAINING_NODES
 
@@ -12,7 +13,7 @@ register_model_folders()
 
 class AudioTokenExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*INFERENCE_NODES, *TRAINING_NODES]
+        return [*INFERENCE_NODES, *TRAINING_NODES, *EVALUATION_NODES]
 
 
 async def comfy_entrypoint() -> AudioTokenExtension:

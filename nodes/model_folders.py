@@ -10,17 +10,22 @@ AUDIO_ENCODER_FOLDER = "audio_encoders"  # core ComfyUI's folder; we add it only
 WEIGHT_EXTENSIONS = {".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".json"}
 
 
+def register_folder(name: str, extensions) -> None:
+    """Add models/<name> for `extensions`, keeping the paths extra_model_paths.yaml (or core) added."""
+    default = os.path.join(folder_paths.models_dir, name)
+    if name in folder_paths.folder_names_and_paths:
+        paths, known = folder_paths.folder_names_and_paths[name]
+        if default not in paths:
+            paths.append(default)
+        folder_paths.folder_names_and_paths[name] = (paths, set(known) | set(extensions))
+    else:
+        folder_paths.folder_names_and_paths[name] = ([default], set(extensions))
+
+
 def register_model_folders() -> None:
     """Add models/audiotoken and models/audio_encoders, keeping paths extra_model_paths.yaml added."""
     for name in (AUDIOTOKEN_FOLDER, AUDIO_ENCODER_FOLDER):
-        default = os.path.join(folder_paths.models_dir, name)
-        if name in folder_paths.folder_names_and_paths:
-            paths, extensions = folder_paths.folder_names_and_paths[name]
-            if default not in paths:
-                paths.append(default)
-            folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | WEIGHT_EXTENSIONS)
-        else:
-            folder_paths.folder_names_and_paths[name] = ([default], set(WEIGHT_EXTENSIONS))
+        register_folder(name, WEIGHT_EXTENSIONS)
 
 
 def list_files(folder: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -47,6 +52,14 @@ def missing_file_message(folder: str, name, suffixes: tuple[str, ...]) -> str | 
     places = ", ".join(folder_paths.get_folder_paths(folder)) or f"models/{folder}"
     return (f"'{name}' is not among the {'/'.join(suffixes)} files in the '{folder}' folders ({places}). "
             f"Put the file there, press 'r' to refresh, and pick it from the list.")
+
+
+def input_subfolders(subfolder: str) -> list[str]:
+    """Folder names inside ComfyUI's input/<subfolder> (datasets, evaluation sets), sorted; hidden ones skipped."""
+    root = os.path.join(folder_paths.get_input_directory(), subfolder)
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
 
 
 def path_inside(base: str, name: str, what: str) -> str:

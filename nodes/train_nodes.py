@@ -52,10 +52,7 @@ def _dataset_root() -> str:
 
 
 def _dataset_folders() -> list[str]:
-    root = _dataset_root()
-    if not os.path.isdir(root):
-        return []
-    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    return mf.input_subfolders(DATASET_SUBFOLDER)
 
 
 class AudioTokenDataset(io.ComfyNode):

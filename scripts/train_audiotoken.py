@@ -86,18 +86,6 @@ def _items(args):
     return pairs_from_vggsound_csv(args.data, args.media_root or args.data.parent, frame=args.frame, clip_scorer=scorer)
 
 
-def _digest(token) -> str:
-    """sha256 of every Embedder tensor: equal digests = bitwise-equal weights across ranks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for key, embedder in sorted(token.embedders.items()):
-        for name, tensor in sorted(embedder.state_dict().items()):
-            h.update(f"{key}.{name}".encode())
-            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world, device = _init_distributed()
@@ -109,6 +97,7 @@ def main(argv=None) -> dict:
 
     from audiotoken.audiotoken_core.data import build_train_batches, module_fingerprint
     from audiotoken.audiotoken_core.encoders import load_audio_encoder
+    from audiotoken.audiotoken_core.token_file import weights_digest
     from audiotoken.audiotoken_core.training.config import TrainConfig
     from audiotoken.audiotoken_core.training.trainer import Trainer, new_audiotoken
     from audiotoken.nodes.comfy_backend import ComfyBackend
@@ -145,7 +134,7 @@ def main(argv=None) -> dict:
 
         summary = trainer.run(progress=progress)
     result = {"status": summary.status, "step": summary.step, "final": summary.final, "rank": rank, "world_size": world,
-              "last_loss": summary.last_loss, "weights_sha256": _digest(token)}
+              "last_loss": summary.last_loss, "weights_sha256": weights_digest(token)}
     if rank == 0:
         print(json.dumps(result))
     if args.result_json is not None:

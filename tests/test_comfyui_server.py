@@ -30,7 +30,7 @@ def _cond(comfy: ComfyServer, name: str) -> dict[str, torch.Tensor]:
 
 NODE_IDS = ["AudioTokenEncoderLoader", "AudioTokenLoader", "AudioTokenEncode", "AudioTokenEmbedAudio", "AudioTokenEmbedWindows",
             "AudioTokenConditioning", "AudioTokenBlend", "AudioTokenSaveEmbedding", "AudioTokenLoadEmbedding",
-            "AudioTokenImportReference", "AudioTokenDataset", "AudioTokenTrain"]
+            "AudioTokenImportReference", "AudioTokenDataset", "AudioTokenTrain", "AudioTokenEvaluate"]
 
 
 def test_object_info_lists_every_node_with_descriptions_and_tooltips(comfy):

@@ -1,99 +1,90 @@
-"""Proof that AudioToken learns (issue 3, point 5), in the synthetic paired world of tools/learn_world.py.
+"""Proof that AudioToken learns (issue 3, point 5), and that the evaluation sees it (issue 5, point 3),
+in the synthetic paired world of tools/learn_world.py.
 
 K = 4 sound classes (hum, beeps, noise bursts, chirps) are paired with K image classes that
 a small frozen text-to-image model (ComfyUI classes, v-prediction) draws from "a photo of
-red/green/blue/yellow". AudioToken is trained on the pairs with the real trainer and the
-real ComfyUI backend, through a small random BEATs. Then images are sampled through
-ComfyUI's sampling path (`nodes.common_ksampler`) from HELD-OUT audio.
+red/green/blue/yellow". AudioToken is trained ONCE per session (module fixture) on the pairs
+with the real trainer and the real ComfyUI backend, through a small random BEATs. Then:
 
-Bars: trained accuracy >= 80 % (chance 25 %), the untrained Embedder <= 50 %, and the
-matched-audio denoising loss below the shuffled-audio loss.
+1. images are sampled through ComfyUI's sampling path (`nodes.common_ksampler`) from HELD-OUT
+   audio. Bars: trained accuracy >= 80 % (chance 25 %), the untrained Embedder <= 50 %, and the
+   matched-audio denoising loss below the shuffled-audio loss.
+2. the evaluation runner (audiotoken_core/evaluation) with the pack's ComfyGenerator scores the
+   held-out set written as files, with the world's own scorers (tools/learn_world_eval.py):
+   AudioToken far above the untrained floor, the text-label topline near the world's text accuracy.
 """
 from __future__ import annotations
 
+import json
+import time
+
+import pytest
 import torch
 
 from tools import learn_world as lw
-from tools.comfy_root import import_pack
-from tools.placeholder_beats import write_placeholder_beats
+from tools import learn_world_eval as lwe
 
-TRAIN_PER_CLASS = 12
-HELDOUT_PER_CLASS = 6
-STEPS = 150
-BATCH = 16
 ACCURACY_BAR = 0.80
 UNTRAINED_MAX = 0.50
 
 
-class PairBatches:
-    """Batches of cached features + latents, reshuffled per epoch (the trainer's data contract)."""
-
-    def __init__(self, features, latents, labels, batch: int, seed: int = 0):
-        self.features, self.latents, self.labels, self.batch, self.seed = features, latents, labels, batch, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
-        for i in range(0, len(order) - self.batch + 1, self.batch):
-            idx = order[i:i + self.batch]
-            yield {"features": self.features[idx], "latents": self.latents[idx],
-                   "label": [self.labels[j] for j in idx.tolist()]}
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    return lwe.train_world_token(tmp_path_factory.mktemp("learn_world"))
 
 
-def _vectors(token, features):
-    with torch.no_grad():
-        return {k: e.eval()(features) for k, e in token.embedders.items()}
-
-
-def _accuracy(world, splice, token, features, class_ids) -> float:
-    vectors = _vectors(token, features)
-    cond = splice.encode_with_vectors(world.clip, "a photo of <audio>", "<audio>", vectors, "test token")
-    correct = 0
-    for i, k in enumerate(class_ids.tolist()):
-        item = [[c[0][i:i + 1], {n: (v[i:i + 1] if torch.is_tensor(v) else v) for n, v in c[1].items()}] for c in cond]
-        correct += int(lw.classify_latent(world.sample(item, seed=1000 + i)) == k)
-    return correct / len(class_ids)
-
-
-def test_audiotoken_learns_the_paired_world(tmp_path):
-    import_pack()
-    from audiotoken.audiotoken_core.encoders import load_audio_encoder
-    from audiotoken.audiotoken_core.training.config import TrainConfig
-    from audiotoken.audiotoken_core.training.trainer import Trainer, new_audiotoken
+def test_audiotoken_learns_the_paired_world(learned):
     from audiotoken.nodes import splice
-    from audiotoken.nodes.comfy_backend import ComfyBackend
 
-    world = lw.build_world(seed=0)
-    encoder = load_audio_encoder(write_placeholder_beats(tmp_path / "beats.pt", seed=0, **lw.BEATS_SMALL))
-    train, heldout = lw.paired_data("train", TRAIN_PER_CLASS), lw.paired_data("heldout", HELDOUT_PER_CLASS)
-    with torch.no_grad():
-        train_features = torch.cat([encoder(w) for w in train["wave16"].split(16)])
-        heldout_features = torch.cat([encoder(w) for w in heldout["wave16"].split(16)])
-
-    token = new_audiotoken({"l": lw.CLIP_WIDTH}, encoder.spec, seed=0)
-    untrained = _accuracy(world, splice, token, heldout_features, heldout["class_id"])
-
-    config = TrainConfig(steps=STEPS, batch_size=BATCH, base_lr=1e-4, lambda_l1=0.01, seed=0, save_every=10**6,
-                         log_every=10**6)
-    data = PairBatches(train_features, train["latents"], train["label"], BATCH)
-    with ComfyBackend(world.model, world.clip) as backend:
-        assert backend.prediction == "v"
-        summary = Trainer(config, backend, token, None, data, tmp_path / "run").run()
+    world, summary = learned.world, learned.summary
+    assert world.prediction == "v"
     assert summary.status == "completed"
-    first = sum(h["loss"] for h in summary.history[:10]) / 10
-    last = sum(h["loss"] for h in summary.history[-10:]) / 10
-    assert last < first
+    assert lwe.mean_loss(summary.history, first=False) < lwe.mean_loss(summary.history, first=True)
 
-    trained = _accuracy(world, splice, token, heldout_features, heldout["class_id"])
-    vectors = _vectors(token, heldout_features)
+    untrained = lwe.heldout_accuracy(learned, learned.untrained)
+    trained = lwe.heldout_accuracy(learned, learned.token)
+    heldout = learned.heldout
+    with torch.no_grad():
+        vectors = {k: e.eval()(learned.heldout_features) for k, e in learned.token.embedders.items()}
     matched = splice.encode_with_vectors(world.clip, "a photo of <audio>", "<audio>", vectors, "trained")
     shuffled_ids = (heldout["class_id"] + 1) % lw.K
     matched_loss = world.denoising_loss(matched, heldout["class_id"].tolist(), seed=3, target="v")
     shuffled_loss = world.denoising_loss(matched, shuffled_ids.tolist(), seed=3, target="v")
-    print(f"untrained {untrained:.2f}  trained {trained:.2f}  loss matched {matched_loss:.4f} shuffled {shuffled_loss:.4f}")
+    print(f"untrained {untrained:.2f}  trained {trained:.2f}  loss matched {matched_loss:.4f} shuffled {shuffled_loss:.4f}"
+          f"  seconds {learned.seconds}")
     assert trained >= ACCURACY_BAR, (trained, untrained)
     assert untrained <= UNTRAINED_MAX, untrained
     assert matched_loss < shuffled_loss
+
+
+def test_evaluation_scores_audiotoken_far_above_its_floor(learned, tmp_path):
+    steps = []
+    t0 = time.perf_counter()
+    items, results, sheet = lwe.evaluate_world(learned, tmp_path, progress=lambda s, t: steps.append((s, t)))
+    seconds = time.perf_counter() - t0
+    table = results.table
+    print(json.dumps({"table": table, "seconds": round(seconds, 1), "timings": results.timings}))
+    assert len(items) == lw.K * lwe.HELDOUT_PER_CLASS and results.n_items == len(items)
+    assert results.not_available == {} and results.errors == {}
+    at, floor, top = table["audiotoken"], table["untrained"], table["text_label"]
+    # AIC: the world's classifier agrees with the audio's label
+    assert at["AIC"] >= 80 and floor["AIC"] <= 50, table
+    text_accuracy = 100 * learned.world.text_accuracy(per_class=4)
+    assert top["AIC"] >= 80 and abs(top["AIC"] - text_accuracy) <= 25, (top, text_accuracy)
+    # IIS / AIS rank the own frame / own sound above the others (chance 50; same-class ties count half)
+    assert at["IIS"] >= floor["IIS"] + 15 and at["AIS"] >= floor["AIS"] + 15, table
+    assert at["IIS"] >= 60 and at["AIS"] >= 60, table
+    # FID: AudioToken's pictures are distributed like the reference frames, the floor's are not
+    assert at["FID"] < floor["FID"], table
+    # files: images, manifest, results, contact sheet; progress reached the end
+    out = tmp_path / "out"
+    assert (out / "results.json").is_file() and (out / "results.md").is_file() and (out / "contact_sheet.png").is_file()
+    assert len(list((out / "images").rglob("*.png"))) == 3 * len(items)
+    assert steps[-1] == (3 * len(items) + 1, 3 * len(items) + 1)
+    assert sheet.ndim == 3 and sheet.shape[2] == 3
+    # a rerun resumes: nothing is generated again, same numbers
+    from audiotoken.audiotoken_core.evaluation.runner import EvalProtocol, EvalRunner
+
+    again = EvalRunner(items, lwe.world_generator(learned), lwe.world_scorers(learned), out,
+                       EvalProtocol(audio_seconds=lwe.WINDOW_SECONDS)).run()
+    assert again.timings["images_generated"] == 0 and again.table == table

@@ -247,14 +247,13 @@ function fmt(seconds) {
 }
 
 /**
- * Draw the preview. state = {mono, rate, duration, windows: [{start, length}], loop, message,
- * playhead (seconds or null), spectrogram image (canvas) or null, caption, label (replaces the window text)}.
- * The timeline spans max(duration, end of the last window), so a looped tail is visible.
+ * Size a canvas to its CSS box at the device pixel ratio and clear it to the pack's background.
+ * Returns { ctx, w, h } in CSS pixels; the fallbacks apply while the canvas has no layout yet.
  */
-export function audiotokenDrawPreview(canvas, state) {
+export function audiotokenClearCanvas(canvas, fallbackWidth, fallbackHeight) {
   const dpr = window.devicePixelRatio || 1;
-  const w = canvas.clientWidth || canvas.width / dpr;
-  const h = canvas.clientHeight || canvas.height / dpr;
+  const w = canvas.clientWidth || fallbackWidth;
+  const h = canvas.clientHeight || fallbackHeight;
   if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
     canvas.width = Math.round(w * dpr);
     canvas.height = Math.round(h * dpr);
@@ -265,6 +264,17 @@ export function audiotokenDrawPreview(canvas, state) {
   ctx.fillRect(0, 0, w, h);
   ctx.font = "11px sans-serif";
   ctx.textBaseline = "top";
+  return { ctx, w, h };
+}
+
+/**
+ * Draw the preview. state = {mono, rate, duration, windows: [{start, length}], loop, message,
+ * playhead (seconds or null), spectrogram image (canvas) or null, caption, label (replaces the window text)}.
+ * The timeline spans max(duration, end of the last window), so a looped tail is visible.
+ */
+export function audiotokenDrawPreview(canvas, state) {
+  const dpr = window.devicePixelRatio || 1;
+  const { ctx, w, h } = audiotokenClearCanvas(canvas, canvas.width / dpr, canvas.height / dpr);
   if (!state || !state.mono) {
     ctx.fillStyle = "#9ab";
     ctx.fillText(state?.message || "connect Load Audio to see the sound", 8, 8);

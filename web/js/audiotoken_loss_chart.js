@@ -2,6 +2,8 @@
 // Cheap under many events: points are kept in typed arrays (decimated by 2 when full) and the
 // canvas is redrawn at most once per animation frame.
 
+import { audiotokenClearCanvas } from "./audiotoken_audio.js";
+
 const MAX_POINTS = 2048;
 
 export class AudiotokenLossChart {
@@ -63,20 +65,7 @@ export class AudiotokenLossChart {
   }
 
   draw() {
-    const canvas = this.canvas;
-    const dpr = window.devicePixelRatio || 1;
-    const w = canvas.clientWidth || 300;
-    const h = canvas.clientHeight || 150;
-    if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
-      canvas.width = Math.round(w * dpr);
-      canvas.height = Math.round(h * dpr);
-    }
-    const ctx = canvas.getContext("2d");
-    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-    ctx.fillStyle = "#11181d";
-    ctx.fillRect(0, 0, w, h);
-    ctx.font = "11px sans-serif";
-    ctx.textBaseline = "top";
+    const { ctx, w, h } = audiotokenClearCanvas(this.canvas, 300, 150);
     if (!this.count) {
       ctx.fillStyle = "#9ab";
       ctx.fillText("loss chart: waiting for training steps", 8, 8);

