@@ -35,6 +35,7 @@ import comfy.clip_model
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling
+import comfy.supported_models_base
 import comfy.utils
 
 from .splice import (
@@ -169,6 +170,10 @@ def _private_copy(patcher, what: str):
             for value in vars(m).values():  # e.g. BaseModel.current_patcher: never copy a patcher
                 if isinstance(value, comfy.model_patcher.ModelPatcher):
                     memo[id(value)] = None
+                elif isinstance(value, comfy.supported_models_base.BASE):
+                    # Shared, not copied: newer ComfyUI (092ee8a5, Dec 2025) gives it a __getattr__ answering None for any missing
+                    # name (__deepcopy__, __setstate__...), which copy.deepcopy cannot reconstruct.
+                    memo[id(value)] = value
         try:
             private = copy.deepcopy(src, memo)
         except Exception as e:

@@ -31,6 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
 VIEWPORT = {"width": 1600, "height": 1000}
 APP = "window.comfyAPI.app.app"
 API = "window.comfyAPI.api.api"
+SEARCH_INPUT = "input[role='combobox'][placeholder*='node' i]"
 
 
 def _missing(what: str):
@@ -278,7 +279,8 @@ def test_every_node_is_found_in_the_node_search_and_created(page, ui_server):
     # Always double-click the same empty spot; each created node is then moved off that spot.
     x, y = box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.45
     for i, (cls, d) in enumerate(sorted(defs.items())):
-        search = page.page.locator("input[placeholder*='Search' i]:visible").first
+        # 1.32.9: "Search Nodes..."; 1.4x default search box: "Add a node..." (both role=combobox)
+        search = page.page.locator(SEARCH_INPUT + ":visible").first
         for _attempt in range(3):  # a double-click right after the previous search closed may be missed
             page.page.mouse.move(x, y)
             page.page.wait_for_timeout(250)
@@ -297,7 +299,11 @@ def test_every_node_is_found_in_the_node_search_and_created(page, ui_server):
             page.shot("02a_node_search")
         page.page.keyboard.press("Enter")
         page.page.wait_for_function(f"(c) => {APP}.graph._nodes.some(n => n.comfyClass === c)", arg=cls, timeout=10_000)
-        page.page.locator("input[placeholder*='Search' i]").first.wait_for(state="hidden", timeout=10_000)
+        page.page.locator(SEARCH_INPUT).first.wait_for(state="hidden", timeout=10_000)
+        # Frontend >= 1.44.4 (Comfy.NodeSearchBoxImpl.FollowCursor, on by default): the new node is a "ghost"
+        # that follows the pointer until a click places it (1.32.9 has no ghost placement: nothing to do).
+        if page.js(f"() => {APP}.canvas.state?.ghostNodeId != null"):
+            page.page.mouse.click(x, y)
         page.js(f"""([c, i]) => {{ const n = {APP}.graph._nodes.find(n => n.comfyClass === c);
             n.pos = [(i % 4) * 420, Math.floor(i / 4) * 520 - 5000]; {APP}.canvas.setDirty(true, true); }}""", [cls, i])
         created.append(cls)

@@ -480,3 +480,22 @@ def test_copies_moved_inside_inference_mode_are_repaired(small):
     assert vectors["l"].grad.abs().sum() > 0
     for private in (b._model, b._clip.cond_stage_model):
         assert not any(t.is_inference() or t.requires_grad for t in private.state_dict(keep_vars=True).values())
+
+
+def test_model_config_answering_none_for_missing_names_is_shared_not_copied(small, monkeypatch):
+    """Newer ComfyUI (upstream 092ee8a5) gives the model config a __getattr__ that returns None for any
+    missing name, so copy.deepcopy would call None as __setstate__: the private copy must share the config."""
+    import comfy.supported_models_base
+
+    model, clip, _ = small["sd1"]
+    monkeypatch.setattr(comfy.supported_models_base.BASE, "__getattr__", lambda self, name: None, raising=False)
+    with torch.inference_mode():
+        b = ComfyBackend(model, clip)
+    try:
+        assert b._model.model_config is model.model.model_config
+        assert b._model is not model.model
+        loss = b.diffusion_loss(torch.randn(1, 4, 8, 8), b.encode_prompt(PROMPT, PH, _vectors(b.widths, 1, seed=1)),
+                                torch.tensor([5]), torch.randn(1, 4, 8, 8))
+        assert torch.isfinite(loss).all()
+    finally:
+        b.close()

@@ -82,3 +82,25 @@ def test_module_fingerprint_tells_weights_apart():
     a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     assert module_fingerprint(a) == module_fingerprint(a) and len(module_fingerprint(a)) == 16
     assert module_fingerprint(a) != module_fingerprint(b)
+
+
+def test_module_fingerprint_ignores_clip_tensors_comfyui_leaves_uninitialised():
+    """SD1.x checkpoints lack CLIP's text_projection / logit_scale: ComfyUI leaves them as torch.empty memory,
+    different in every process, so they must not change the fingerprint (a resumed evaluation would refuse)."""
+    from audiotoken_core.data import module_fingerprint
+
+    def clip_like(garbage: float) -> torch.nn.Module:
+        m = torch.nn.Module()
+        torch.manual_seed(0)
+        m.embed, m.layer = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        m.final = torch.nn.LayerNorm(4)
+        m.text_projection = torch.nn.Linear(4, 4, bias=False)
+        m.logit_scale = torch.nn.Parameter(torch.tensor(garbage))
+        torch.nn.init.constant_(m.text_projection.weight, garbage)
+        return m
+
+    assert module_fingerprint(clip_like(1.0)) == module_fingerprint(clip_like(-7.0))
+    changed = clip_like(1.0)
+    with torch.no_grad():
+        changed.final.weight.add_(1.0)  # real weights still count
+    assert module_fingerprint(changed) != module_fingerprint(clip_like(1.0))

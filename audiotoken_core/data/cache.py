@@ -466,7 +466,10 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     """A short id of a model's weights for `key_settings`: two VAEs (or encoders) of one class
     must not share cached outputs. Hashes the first and last two tensors of the state dict."""
     h = hashlib.sha256()
-    tensors = list(module.state_dict().items())
+    # ComfyUI leaves CLIP's logit_scale / text_projection as torch.empty() when a checkpoint lacks them
+    # (every SD1.x checkpoint): uninitialised memory, different in every process. Never hash those.
+    tensors = [(n, t) for n, t in module.state_dict().items()
+               if not n.endswith(("logit_scale", "text_projection.weight"))]
     for name, t in tensors[:2] + tensors[-2:]:
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
