@@ -8,7 +8,7 @@ import os
 import folder_paths
 from comfy_api.v0_0_2 import io, ui
 
-from ..audiotoken_core.audio import REFERENCE_CLIP_SECONDS, TARGET_SAMPLE_RATE, prepare_waveform
+from ..audiotoken_core.audio import REFERENCE_CLIP_SECONDS, TARGET_SAMPLE_RATE
 from ..audiotoken_core.embedding import blend_embeddings, load_embedding, save_embedding
 from ..audiotoken_core.encoders import load_audio_encoder
 from ..audiotoken_core.token_file import import_reference_embedder, load_audiotoken, save_audiotoken
@@ -49,12 +49,11 @@ def _parse_layers(text: str) -> tuple[int, ...] | None:
     return layers
 
 
-def window_preview(audio: dict, start_seconds: float, window_seconds: float, channels: str, loop: bool) -> dict:
-    """UI output for the frontend (web/js/audiotoken.js): the exact window the token heard (first clip,
-    16 kHz mono, looped or padded), saved to temp/ as FLAC, so audio that is not a file still shows."""
-    wave16 = prepare_waveform(audio["waveform"][:1], audio["sample_rate"], channel_policy=channels,
-                              start_seconds=start_seconds, window_seconds=window_seconds, loop=loop)
-    saved = ui.AudioSaveHelper.save_audio({"waveform": wave16[:, None, :], "sample_rate": TARGET_SAMPLE_RATE},
+def window_preview(wave16, start_seconds: float, window_seconds: float) -> dict:
+    """UI output for the frontend (web/js/audiotoken.js): the exact window the token heard (`wave16`
+    [B, T] from embed_audio; the first clip, 16 kHz mono, looped or padded), saved to temp/ as FLAC,
+    so audio that is not a file still shows."""
+    saved = ui.AudioSaveHelper.save_audio({"waveform": wave16[:1, None, :], "sample_rate": TARGET_SAMPLE_RATE},
                                           filename_prefix="audiotoken_window", folder_type=io.FolderType.temp,
                                           cls=None, format="flac")
     return {"audiotoken_window": [dict(r, start_seconds=float(start_seconds), window_seconds=float(window_seconds))
@@ -193,9 +192,9 @@ class AudioTokenEmbedAudio(io.ComfyNode):
     @classmethod
     def execute(cls, audio, audiotoken: LoadedAudioToken, start_seconds, window_seconds, channels,
                 loop_short_audio) -> io.NodeOutput:
-        emb = audiotoken.embed_audio(audio, start_seconds=start_seconds, window_seconds=window_seconds,
+        emb, wave16 = audiotoken.embed_audio(audio, start_seconds=start_seconds, window_seconds=window_seconds,
                                      channel_policy=channels, loop=loop_short_audio)
-        return io.NodeOutput(emb, ui=window_preview(audio, start_seconds, window_seconds, channels, loop_short_audio))
+        return io.NodeOutput(emb, ui=window_preview(wave16, start_seconds, window_seconds))
 
 
 class AudioTokenEmbedWindows(io.ComfyNode):
@@ -284,10 +283,10 @@ class AudioTokenEncode(io.ComfyNode):
     @classmethod
     def execute(cls, clip, audio, audiotoken: LoadedAudioToken, text, placeholder, start_seconds, window_seconds,
                 channels, loop_short_audio) -> io.NodeOutput:
-        emb = audiotoken.embed_audio(audio, start_seconds=start_seconds, window_seconds=window_seconds,
+        emb, wave16 = audiotoken.embed_audio(audio, start_seconds=start_seconds, window_seconds=window_seconds,
                                      channel_policy=channels, loop=loop_short_audio)
         cond = encode_with_vectors(clip, text, placeholder, emb.vectors, f"AudioToken '{audiotoken.name}'")
-        return io.NodeOutput(cond, emb, ui=window_preview(audio, start_seconds, window_seconds, channels, loop_short_audio))
+        return io.NodeOutput(cond, emb, ui=window_preview(wave16, start_seconds, window_seconds))
 
 
 class AudioTokenBlend(io.ComfyNode):

@@ -118,7 +118,7 @@ class ComfyGenerator:
             return self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
         loaded = self.audiotoken if system == "audiotoken" else self.floor
         wave, rate = item_audio(item)
-        emb = loaded.embed_audio({"waveform": wave[None], "sample_rate": rate}, start_seconds=0.0,
+        emb, _ = loaded.embed_audio({"waveform": wave[None], "sample_rate": rate}, start_seconds=0.0,
                                  window_seconds=self.window_seconds, channel_policy=self.channel_policy, loop=True)
         return encode_with_vectors(self.clip, self.prompt, self.placeholder, emb.vectors, f"AudioToken '{loaded.name}'")
 

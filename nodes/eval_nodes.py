@@ -43,22 +43,8 @@ def _model_files() -> list[str]:
 
 
 def _clip_folders() -> list[str]:
-    """transformers CLIP folders (config.json inside) in models/audiotoken_eval and models/clip_vision."""
-    found = []
-    for folder in (EVAL_MODEL_FOLDER, "clip_vision"):
-        for base in folder_paths.get_folder_paths(folder):
-            if os.path.isdir(base):
-                found += [d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json"))]
-    return sorted(set(found))
-
-
-def _clip_folder_path(name: str) -> str:
-    for folder in (EVAL_MODEL_FOLDER, "clip_vision"):
-        for base in folder_paths.get_folder_paths(folder):
-            if os.path.isfile(os.path.join(base, name, "config.json")):
-                return mf.path_inside(base, name, "CLIP folder")
-    raise FileNotFoundError(f"CLIP folder '{name}' is not in models/{EVAL_MODEL_FOLDER} or models/clip_vision; "
-                            f"put a transformers CLIP folder (config.json, safetensors, processor files) there.")
+    """transformers CLIP folders in models/audiotoken_eval and models/clip_vision."""
+    return mf.transformers_folders(EVAL_MODEL_FOLDER, "clip_vision")
 
 
 class AudioTokenEvaluate(io.ComfyNode):
@@ -152,7 +138,7 @@ class AudioTokenEvaluate(io.ComfyNode):
         device = mm.get_torch_device()
         scorers = load_scorers(
             clip_vision=clip_vision, clip_vision_name="(connected)",
-            clip_folder=_clip_folder_path(clip_folder) if clip_folder not in (None, NONE) else None,
+            clip_folder=mf.transformers_folder_path(clip_folder, EVAL_MODEL_FOLDER, "clip_vision") if clip_folder not in (None, NONE) else None,
             wav2clip_path=mf.resolve(EVAL_MODEL_FOLDER, wav2clip) if wav2clip not in (None, NONE) else None,
             inception_path=mf.resolve(EVAL_MODEL_FOLDER, inception) if inception not in (None, NONE) else None,
             device=device, hints=HINTS)

@@ -62,6 +62,27 @@ def input_subfolders(subfolder: str) -> list[str]:
     return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
 
 
+def transformers_folders(*folders: str) -> list[str]:
+    """Names of transformers model folders (a config.json inside) in the given model folders, sorted."""
+    found = set()
+    for folder in folders:
+        for base in folder_paths.get_folder_paths(folder):
+            if os.path.isdir(base):
+                found.update(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json")))
+    return sorted(found)
+
+
+def transformers_folder_path(name: str, *folders: str) -> str:
+    """The absolute path of a folder `transformers_folders(*folders)` lists (never outside its model folder)."""
+    for folder in folders:
+        for base in folder_paths.get_folder_paths(folder):
+            if os.path.isfile(os.path.join(base, name, "config.json")):
+                return path_inside(base, name, "Model folder")
+    places = " or ".join(f"models/{f}" for f in folders)
+    raise FileNotFoundError(f"'{name}' is not a transformers model folder (with config.json) in {places}; "
+                            f"put the folder there (config.json, safetensors, processor files) and press 'r' to refresh.")
+
+
 def path_inside(base: str, name: str, what: str) -> str:
     """`base/name` resolved, refusing names that point outside `base` (UI values are untrusted)."""
     base = os.path.realpath(base)

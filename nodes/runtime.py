@@ -62,11 +62,11 @@ class LoadedAudioToken:
         self.patcher = _patcher(**{f"embedder_{k}": m for k, m in self.token.embedders.items()})
 
     def embed_audio(self, audio: dict, *, start_seconds: float, window_seconds: float,
-                    channel_policy: str, loop: bool) -> AudioEmbedding:
-        """ComfyUI AUDIO -> one AudioEmbedding row per clip of the batch."""
+                    channel_policy: str, loop: bool) -> tuple[AudioEmbedding, torch.Tensor]:
+        """ComfyUI AUDIO -> (one AudioEmbedding row per clip of the batch, the 16 kHz windows heard [B, T])."""
         wave16 = prepare_waveform(audio["waveform"], audio["sample_rate"], channel_policy=channel_policy,
                                   start_seconds=start_seconds, window_seconds=window_seconds, loop=loop)
-        return self._embed(wave16, f"{self.name} @ {start_seconds:g}s+{window_seconds:g}s")
+        return self._embed(wave16, f"{self.name} @ {start_seconds:g}s+{window_seconds:g}s"), wave16
 
     def embed_windows(self, audio: dict, *, window_seconds: float, hop_seconds: float, max_windows: int,
                       channel_policy: str) -> tuple[AudioEmbedding, list[float]]:

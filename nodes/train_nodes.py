@@ -39,12 +39,8 @@ class TrainingData:
 
 
 def _clip_scorer_folders() -> list[str]:
-    """transformers CLIP folders (config.json inside) in models/clip_vision, for CLIP-score frame picking."""
-    found = []
-    for base in folder_paths.get_folder_paths("clip_vision"):
-        if os.path.isdir(base):
-            found += [d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json"))]
-    return [NO_SCORER, *sorted(set(found))]
+    """transformers CLIP folders in models/clip_vision, for CLIP-score frame picking."""
+    return [NO_SCORER, *mf.transformers_folders("clip_vision")]
 
 
 def _dataset_root() -> str:
@@ -105,9 +101,7 @@ class AudioTokenDataset(io.ComfyNode):
             if clip_scorer == NO_SCORER:
                 raise ValueError("frame 'best CLIP score' needs a clip_scorer: put a transformers CLIP folder in "
                                  "models/clip_vision and pick it, or choose frame 'middle'.")
-            base = next(b for b in folder_paths.get_folder_paths("clip_vision")
-                        if os.path.isfile(os.path.join(b, clip_scorer, "config.json")))
-            scorer = load_clip_scorer(mf.path_inside(base, clip_scorer, "CLIP folder"))
+            scorer = load_clip_scorer(mf.transformers_folder_path(clip_scorer, "clip_vision"))
         frame = "clip" if scorer is not None else frame
         csv_path = mf.path_inside(root, csv_name.strip(), "CSV file") if csv_name.strip() else None
         if kind == "audio + image pairs":

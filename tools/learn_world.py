@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,26 +195,19 @@ class TrainConfig:
 
 def _comfy():
     """ComfyUI's `comfy` package and its `nodes` module (not this repository's `nodes` package)."""
-    from tools.comfy_root import import_comfy
+    from tools.comfy_root import import_comfy, import_pack
 
-    root = str(import_comfy())
+    import_comfy()
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models
 
-    if "nodes" not in sys.modules:
-        saved = list(sys.path)
-        sys.path.insert(0, root)  # ComfyUI's nodes.py first, whatever the caller's path order
-        try:
-            import nodes  # noqa: F401
-        finally:
-            sys.path[:] = saved
-    nodes = sys.modules["nodes"]
-    if not hasattr(nodes, "common_ksampler"):
-        raise RuntimeError(f"`nodes` is imported from {getattr(nodes, '__file__', '?')}, not from ComfyUI at {root}")
-    return comfy, nodes
+    import_pack()
+    from audiotoken.nodes.eval_generator import comfy_nodes
+
+    return comfy, comfy_nodes()
 
 
 def _init_unet(module: torch.nn.Module, seed: int) -> None:

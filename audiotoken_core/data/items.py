@@ -164,13 +164,18 @@ def _log_problems(problems: list[Problem], what: str) -> None:
     logger.warning("%s: %d file(s) skipped: %s%s", what, len(problems), shown, more)
 
 
+def read_csv_rows(path: str | os.PathLike) -> list[list[str]]:
+    """The non-blank rows of a CSV file (a UTF-8 byte-order mark is ignored)."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        return [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+
+
 def _read_labels_csv(path: str | os.PathLike) -> dict[str, str]:
     """`file`/`stem` -> label from a CSV with a header naming those columns (or two plain columns)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetSourceError(f"labels CSV not found: {path}; pass an existing file or leave labels_csv empty")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    rows = read_csv_rows(path)
     if not rows:
         return {}
     header = [cell.strip().lower() for cell in rows[0]]

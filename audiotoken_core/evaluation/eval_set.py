@@ -17,7 +17,6 @@ set skips such files; dropping items silently would change the scores).
 """
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Iterable
 
 import torch
 
-from ..data.items import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, DatasetSourceError, pairs_from_folder
+from ..data.items import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, DatasetSourceError, pairs_from_folder, read_csv_rows
 from ..data.media import MediaError, image_to_tensor, load_clip, load_image
 
 __all__ = ["EvalItem", "EvalSet", "EvalSetError", "LABELS_CSV", "eval_set_from_folder", "eval_set_from_csv",
@@ -104,8 +103,7 @@ def eval_set_from_csv(csv_path: str | os.PathLike) -> EvalSet:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise EvalSetError(f"evaluation CSV not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    rows = read_csv_rows(csv_path)
     if not rows:
         raise EvalSetError(f"{csv_path} is empty; write a header audio,frame,label and one row per item")
     header = [cell.strip().lower() for cell in rows[0]]
