@@ -1,8 +1,10 @@
 """Audio front end: validation, channel policy, window crop, looping and resampling.
 
-Everything the encoders see goes through :func:`prepare_waveform`, which returns a 16 kHz
-mono window in [-1, 1]. The window is cut in the source rate *before* resampling, so a
-one-hour file costs about as much as a ten-second one.
+Everything the encoders see goes through :func:`prepare_waveform`, the one place that checks
+audio, which returns a 16 kHz mono window. Sample values are kept as they are (no clipping):
+like the reference, values beyond [-1, 1] (the resampler's ringing overshoots on full-scale
+recordings) reach the encoder unchanged. The window is cut in the source rate *before*
+resampling, so a one-hour file costs about as much as a ten-second one.
 """
 from __future__ import annotations
 
@@ -32,14 +34,6 @@ _PCM_SCALE = {torch.int16: 32768.0, torch.int32: 2.0**31, torch.int8: 128.0}
 
 class AudioInputError(ValueError):
     """Audio that cannot be used as given; the message says what is wrong and how to fix it."""
-
-
-def audio_duration_seconds(num_samples: int, sample_rate: int) -> float:
-    """Length in seconds of `num_samples` samples at `sample_rate` Hz."""
-    _check_sample_rate(sample_rate)
-    if int(num_samples) < 0:
-        raise AudioInputError(f"num_samples={num_samples} is negative; pass a sample count >= 0")
-    return int(num_samples) / int(sample_rate)
 
 
 # --------------------------------------------------------------------------- resampling
@@ -87,22 +81,9 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
 
     Polyphase windowed sinc as one strided conv1d, so the cost is proportional to the
     input length. Output length is ceil(T * new_sr / orig_sr); float64 input stays float64,
-    other float types are computed in float32 and returned in their own dtype.
+    other float types are computed in float32 and returned in their own dtype. Callers pass
+    float audio and whole positive rates (prepare_waveform checks user audio).
     """
-    if not isinstance(waveform, torch.Tensor):
-        raise AudioInputError(
-            f"resample expects a torch.Tensor, got {type(waveform).__name__}; "
-            "convert it with torch.as_tensor(...)"
-        )
-    if not waveform.is_floating_point():
-        raise AudioInputError(
-            f"resample expects floating-point audio, got {waveform.dtype}; "
-            "convert it to float first (prepare_waveform does this for int16/int32 PCM)"
-        )
-    _check_sample_rate(orig_sr, name="orig_sr", bounded=False)
-    _check_sample_rate(new_sr, name="new_sr", bounded=False)
-    if waveform.ndim == 0:
-        raise AudioInputError("resample got a 0-d tensor; pass audio shaped [..., samples]")
     if int(orig_sr) == int(new_sr):
         return waveform
     orig, new = _reduced_rates(orig_sr, new_sr)
@@ -124,43 +105,23 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
 
 
 def mix_channels(waveform: torch.Tensor, policy: str = "mix") -> torch.Tensor:
-    """[B, C, T] -> [B, T]: "mix" averages the channels, "first" keeps channel 0 (the reference)."""
-    if policy not in CHANNEL_POLICIES:
-        raise AudioInputError(
-            f"unknown channel policy {policy!r}; choose one of {', '.join(CHANNEL_POLICIES)}"
-        )
-    if not isinstance(waveform, torch.Tensor) or waveform.ndim != 3:
-        shape = tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform).__name__
-        raise AudioInputError(
-            f"mix_channels expects a tensor shaped [batch, channels, samples], got {shape}; "
-            "add the missing axes with unsqueeze"
-        )
-    if waveform.shape[1] == 0:
-        raise AudioInputError("the audio has no channels; pass at least one channel")
-    if policy == "first":
-        return waveform[:, 0]
-    if not waveform.is_floating_point():
-        raise AudioInputError(
-            f"channel policy 'mix' needs floating-point audio, got {waveform.dtype}; convert to float first"
-        )
-    return waveform.mean(dim=1)
+    """[B, C, T] float -> [B, T]: "mix" averages the channels, "first" keeps channel 0 (the reference)."""
+    return waveform[:, 0] if policy == "first" else waveform.mean(dim=1)
 
 
 # ------------------------------------------------------------------------ validation
 
 
-def _check_sample_rate(sample_rate, name: str = "sample_rate", bounded: bool = True) -> None:
+def _check_sample_rate(sample_rate) -> None:
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Integral):
         raise AudioInputError(
-            f"{name} must be a whole number of Hz, got {sample_rate!r} "
+            f"sample_rate must be a whole number of Hz, got {sample_rate!r} "
             f"({type(sample_rate).__name__}); pass it as an int such as 44100"
         )
-    lo, hi = (MIN_SAMPLE_RATE, MAX_SAMPLE_RATE) if bounded else (1, None)
-    if sample_rate < lo or (hi is not None and sample_rate > hi):
-        allowed = f"{lo}..{hi} Hz" if hi is not None else f">= {lo} Hz"
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
         raise AudioInputError(
-            f"{name}={int(sample_rate)} Hz is outside the supported range {allowed}; "
-            "check the rate reported by your loader or convert the file to a common rate (e.g. 44100)"
+            f"sample_rate={int(sample_rate)} Hz is outside the supported range {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} "
+            "Hz; check the rate reported by your loader or convert the file to a common rate (e.g. 44100)"
         )
 
 
@@ -221,6 +182,22 @@ def _source_segment(x: torch.Tensor, start: int, stop: int, wrap: bool) -> torch
     return F.pad(part, (lo - start, stop - max(hi, lo)))
 
 
+# ------------------------------------------------------------------------ windows
+
+
+def window_count(duration_seconds: float, window_seconds: float, hop_seconds: float) -> int:
+    """How many windows of `window_seconds` every `hop_seconds` (starting at 0) fit in a recording.
+
+    At least one: a recording no longer than one window gives one (looped) window. The 1e-9 (in
+    hops) lets a window that ends exactly at the end count despite float rounding. The frontend's
+    `audiotokenWindowCount` (web/js/audiotoken_audio.js) is the same formula, in the same doubles;
+    tests/data/window_table.json holds both to it.
+    """
+    if duration_seconds <= window_seconds:
+        return 1
+    return 1 + math.floor((duration_seconds - window_seconds) / hop_seconds + 1e-9)
+
+
 # ------------------------------------------------------------------------ main entry
 
 
@@ -233,7 +210,7 @@ def prepare_waveform(
     window_seconds: float = REFERENCE_CLIP_SECONDS,
     loop: bool = True,
 ) -> torch.Tensor:
-    """The model-ready window: [B, round(window_seconds * 16000)] float32, 16 kHz mono, in [-1, 1].
+    """The model-ready window: [B, round(window_seconds * 16000)] float32, 16 kHz mono, values kept.
 
     Semantics (the reference's, generalised to any rate): a clip that ends before
     start + window is tiled (`loop=True`, repeated without end, so the output is exactly
@@ -300,5 +277,4 @@ def prepare_waveform(
     if sr != tgt:
         mono = _polyphase(mono, orig, new)  # [B, (block_b - block_a) * new]
     offset = first - block_a * new
-    out = mono[:, offset:offset + n_out]
-    return out.clamp(-1.0, 1.0).contiguous()
+    return mono[:, offset:offset + n_out].contiguous()

@@ -14,9 +14,9 @@ This module re-implements its forward pass for inference:
 Design notes
 - The module and parameter names reproduce the public state-dict keys exactly, so an
   official checkpoint's `model` dict loads with `strict=True` once the AudioSet
-  classification head (`predictor.*`) is dropped (`load_beats_state` does that). The
-  relative-position embedding is one module shared by every layer, as in the public
-  code, so its weight appears under each `encoder.layers.<i>.self_attn.` prefix.
+  classification head (`predictor.*`) is dropped. The relative-position embedding is one
+  module shared by every layer, as in the public code, so its weight appears under each
+  `encoder.layers.<i>.self_attn.` prefix.
 - Inference only: no dropout, layer drop, padding masks or gradient scaling
   (`layer_wise_gradient_decay_ratio` only scales gradients in the public code; the
   forward pass is unchanged). The model runs under the caller's grad mode.
@@ -26,22 +26,14 @@ Design notes
   public code does, so bucket boundaries never depend on the device's `log`.
 - `forward` returns the output of every transformer layer (a list), and stops after
   `num_layers` layers when asked, so unused layers are never computed.
-
-Files
-- `load_beats_state(path)` reads an official torch pickle `{'cfg': dict, 'model':
-  state_dict, ...}` with `torch.load(weights_only=True)` (no arbitrary unpickling), or a
-  `.safetensors` file whose metadata key `beats_config` holds the config as JSON.
-- `save_beats_safetensors(path, config, state_dict)` writes the latter; run
-  `python -m audiotoken_core.beats SRC.pt DST.safetensors` to convert a checkpoint.
+- Inputs are trusted: `encoders.load_audio_encoder` and `AudioEncoder.forward` check files,
+  layers and audio length. Reading and writing checkpoint files is `beats_checkpoint.py`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -50,23 +42,12 @@ from torch import Tensor, nn
 
 from .fbank import beats_fbank
 
-__all__ = [
-    "BEATsConfig",
-    "BEATs",
-    "BEATsCheckpointError",
-    "load_beats_state",
-    "save_beats_safetensors",
-    "OFFICIAL_CLASS_DEFAULTS",
-]
+__all__ = ["BEATsConfig", "BEATs"]
 
 # The public attention subtracts the row max in a 1/32-scaled space ("alpha" there).
 _ATTENTION_ALPHA = 32.0
-SAFETENSORS_CONFIG_KEY = "beats_config"
 _ACTIVATIONS = ("relu", "gelu", "gelu_fast", "gelu_accurate", "tanh", "linear", "glu")
-
-
-class BEATsCheckpointError(ValueError):
-    """A file that is not a loadable BEATs checkpoint (wrong kind, unsafe, wrong shapes)."""
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass
@@ -106,24 +87,16 @@ class BEATsConfig:
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any], *, defaults: Mapping[str, Any] | None = None) -> "BEATsConfig":
-        """Build a config from a dict, ignoring unknown keys.
+        """The config of a checkpoint's dict: unknown keys ignored, values checked (ValueError).
 
-        Missing keys take this class's defaults (the AS2M values), or `defaults` when
-        given (`load_beats_state` passes `OFFICIAL_CLASS_DEFAULTS` for official pickles,
-        because the public loader fills missing keys from its own class defaults).
+        Missing keys take this class's defaults (the AS2M values), or `defaults` when given
+        (official pickles pass the public class's defaults, which its loader fills in).
         """
         if not isinstance(cfg, Mapping):
-            raise TypeError(f"BEATsConfig.from_dict expects a mapping, got {type(cfg).__name__}")
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name in cfg:
-                raw = cfg[f.name]
-            elif defaults is not None and f.name in defaults:
-                raw = defaults[f.name]
-            else:
-                continue
-            values[f.name] = _coerce(f.name, f.type, raw)
-        config = cls(**values)
+            raise ValueError(f"a BEATs config must be a dict, got {type(cfg).__name__}")
+        values = {**(defaults or {}), **cfg}
+        config = cls(**{f.name: _coerce(f.name, f.type, values[f.name])
+                        for f in dataclasses.fields(cls) if f.name in values})
         config.validate()
         return config
 
@@ -132,21 +105,15 @@ class BEATsConfig:
 
     def validate(self) -> None:
         """Raise ValueError when the values cannot describe a BEATs model."""
-        problems = []
-        for name in ("input_patch_size", "embed_dim", "encoder_layers", "encoder_embed_dim",
-                     "encoder_ffn_embed_dim", "encoder_attention_heads", "conv_pos", "conv_pos_groups"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        problems = [f"{name}={getattr(self, name)} must be >= 1"
+                    for name in ("input_patch_size", "embed_dim", "encoder_layers", "encoder_embed_dim",
+                                 "encoder_ffn_embed_dim", "encoder_attention_heads", "conv_pos", "conv_pos_groups")
+                    if getattr(self, name) < 1]
         if not problems:
-            if self.encoder_embed_dim % self.encoder_attention_heads:
-                problems.append(
-                    f"encoder_embed_dim={self.encoder_embed_dim} is not divisible by "
-                    f"encoder_attention_heads={self.encoder_attention_heads}"
-                )
-            if self.encoder_embed_dim % self.conv_pos_groups:
-                problems.append(
-                    f"encoder_embed_dim={self.encoder_embed_dim} is not divisible by conv_pos_groups={self.conv_pos_groups}"
-                )
+            for divisor in ("encoder_attention_heads", "conv_pos_groups"):
+                if self.encoder_embed_dim % getattr(self, divisor):
+                    problems.append(f"encoder_embed_dim={self.encoder_embed_dim} is not divisible by "
+                                    f"{divisor}={getattr(self, divisor)}")
         if self.deep_norm and self.layer_norm_first:
             problems.append("deep_norm and layer_norm_first cannot both be set")
         if self.activation_fn not in _ACTIVATIONS:
@@ -164,68 +131,27 @@ class BEATsConfig:
         return self.encoder_embed_dim // self.encoder_attention_heads
 
 
-# Defaults of the public `BEATsConfig` class (used for keys an official cfg dict lacks).
-OFFICIAL_CLASS_DEFAULTS: dict[str, Any] = {
-    "input_patch_size": -1,
-    "embed_dim": 512,
-    "conv_bias": False,
-    "encoder_layers": 12,
-    "encoder_embed_dim": 768,
-    "encoder_ffn_embed_dim": 3072,
-    "encoder_attention_heads": 12,
-    "activation_fn": "gelu",
-    "layer_wise_gradient_decay_ratio": 1.0,
-    "layer_norm_first": False,
-    "deep_norm": False,
-    "dropout": 0.1,
-    "attention_dropout": 0.1,
-    "activation_dropout": 0.0,
-    "encoder_layerdrop": 0.0,
-    "dropout_input": 0.0,
-    "conv_pos": 128,
-    "conv_pos_groups": 16,
-    "relative_position_embedding": False,
-    "num_buckets": 320,
-    "max_distance": 1280,
-    "gru_rel_pos": False,
-    "finetuned_model": False,
-    "predictor_dropout": 0.1,
-    "predictor_class": 527,
-}
-
-
-def _coerce(name: str, annotation: Any, value: Any) -> Any:
-    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    try:
-        if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes"):
-                    return True
-                if value.lower() in ("false", "0", "no"):
-                    return False
-                raise ValueError(value)
-            if isinstance(value, Tensor):
-                value = value.item()
-            return bool(value)
-        if kind == "int":
-            if isinstance(value, Tensor):
-                value = value.item()
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            if isinstance(value, bool):
-                return int(value)
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    """A config value as the field's type (`kind` is the annotation's name); ValueError if it is not one."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if kind == "bool" and isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.lower()]
+    if kind == "bool" and isinstance(value, (bool, int, float)):
+        return bool(value)
+    if kind == "int" and not (isinstance(value, float) and not value.is_integer()):
+        try:
             return int(value)
-        if kind == "float":
-            if isinstance(value, Tensor):
-                value = value.item()
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    if kind == "float" and isinstance(value, (int, float, str)):
+        try:
             return float(value)
-        if kind == "str":
-            if not isinstance(value, str):
-                raise ValueError(value)
-            return value
-    except (TypeError, ValueError):
-        raise ValueError(f"BEATs config key {name!r} has an invalid value {value!r} (expected {kind})") from None
-    return value
+        except ValueError:
+            pass
+    if kind == "str" and isinstance(value, str):
+        return value
+    raise ValueError(f"BEATs config key {name!r} has an invalid value {value!r} (expected {kind})")
 
 
 # --------------------------------------------------------------------------- modules
@@ -438,7 +364,6 @@ class BEATs(nn.Module):
 
     def __init__(self, config: BEATsConfig) -> None:
         super().__init__()
-        config.validate()
         self.config = config
         self.post_extract_proj = (
             nn.Linear(config.embed_dim, config.encoder_embed_dim)
@@ -452,7 +377,6 @@ class BEATs(nn.Module):
         self.encoder = BEATsEncoder(config)
         self.layer_norm = nn.LayerNorm(config.embed_dim)
 
-    # -- construction -------------------------------------------------------------------
     @classmethod
     def from_state_dict(
         cls, config: BEATsConfig, state_dict: Mapping[str, Tensor], *, dtype: torch.dtype | None = torch.float32
@@ -465,12 +389,6 @@ class BEATs(nn.Module):
             model = model.to(dtype)
         return model.eval()
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = torch.float32) -> "BEATs":
-        config, state_dict = load_beats_state(path)
-        return cls.from_state_dict(config, state_dict, dtype=dtype)
-
-    # -- shapes -------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
         return len(self.encoder.layers)
@@ -485,22 +403,8 @@ class BEATs(nn.Module):
         patch = self.config.input_patch_size
         return (frames // patch) * (num_mel_bins // patch)
 
-    # -- forward ------------------------------------------------------------------------
-    @staticmethod
-    def preprocess(wave16: Tensor) -> Tensor:
-        """[B, T] float 16 kHz audio in [-1, 1] -> normalised Kaldi fbank [B, frames, 128] (float32)."""
-        return beats_fbank(wave16)
-
     def embed_patches(self, fbank: Tensor) -> Tensor:
-        """fbank [B, frames, bins] -> patch tokens [B, N, encoder_embed_dim], time-major order."""
-        if fbank.ndim != 3:
-            raise ValueError(f"BEATs expects fbank features shaped [batch, frames, bins], got {tuple(fbank.shape)}")
-        patch = self.config.input_patch_size
-        if fbank.shape[1] < patch or fbank.shape[2] < patch:
-            raise ValueError(
-                f"fbank of shape {tuple(fbank.shape)} is smaller than one {patch}x{patch} patch; "
-                f"BEATs needs at least {patch} frames ({(400 + (patch - 1) * 160) / 16000:.3f} s of audio)"
-            )
+        """fbank [B, frames >= patch, bins] -> patch tokens [B, N, encoder_embed_dim], time-major order."""
         weight = self.patch_embedding.weight
         x = self.patch_embedding(fbank.to(device=weight.device, dtype=weight.dtype).unsqueeze(1))  # [B, C, T', F']
         x = x.flatten(2).transpose(1, 2)  # token index = t * F' + f
@@ -511,246 +415,8 @@ class BEATs(nn.Module):
 
     def forward_fbank(self, fbank: Tensor, num_layers: int | None = None) -> list[Tensor]:
         """fbank [B, frames, bins] -> outputs of layers 1..num_layers (default all), each [B, N, C]."""
-        if num_layers is not None and not 1 <= num_layers <= self.num_layers:
-            raise ValueError(f"num_layers={num_layers} is outside 1..{self.num_layers}")
         return self.encoder(self.embed_patches(fbank), num_layers)
 
     def forward(self, wave16: Tensor, num_layers: int | None = None) -> list[Tensor]:
         """wave16 [B, T] in [-1, 1] at 16 kHz -> outputs of layers 1..num_layers, each [B, N, C]."""
-        fbank = self.preprocess(wave16.to(device=self.patch_embedding.weight.device))
-        return self.forward_fbank(fbank, num_layers)
-
-
-# --------------------------------------------------------------------------- files
-
-_ZIP_MAGIC = b"PK\x03\x04"
-
-
-def _expected_shapes(config: BEATsConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = BEATs(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-
-
-def _describe_keys(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "") if keys else "(none)"
-
-
-def _looks_like_beats(keys) -> bool:
-    keys = set(keys)
-    return "patch_embedding.weight" in keys and any(k.startswith("encoder.layers.0.") for k in keys)
-
-
-def _normalise_state_dict(state_dict: Mapping[str, Any], config: BEATsConfig, source: str) -> dict[str, Tensor]:
-    """Drop the classifier head, accept known key variants, check keys and shapes."""
-    bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise BEATsCheckpointError(f"{source}: the model state dict holds non-tensor entries ({_describe_keys(map(str, bad))})")
-    sd = {k: v for k, v in state_dict.items() if not k.startswith("predictor.")}
-    # Checkpoints re-saved with torch.nn.utils.parametrizations.weight_norm.
-    renames = {
-        "encoder.pos_conv.0.parametrizations.weight.original0": "encoder.pos_conv.0.weight_g",
-        "encoder.pos_conv.0.parametrizations.weight.original1": "encoder.pos_conv.0.weight_v",
-    }
-    for old, new in renames.items():
-        if old in sd and new not in sd:
-            sd[new] = sd.pop(old)
-    if not _looks_like_beats(sd):
-        raise BEATsCheckpointError(
-            f"{source} is not a BEATs checkpoint: found keys {_describe_keys(state_dict)}; expected BEATs keys such as "
-            "patch_embedding.weight, layer_norm.weight, encoder.pos_conv.0.weight_v, encoder.layers.0.self_attn.q_proj.weight"
-        )
-    expected = _expected_shapes(config)
-    # The shared relative-position table is stored under every layer; accept files keeping only layer 0.
-    shared = "encoder.layers.0.self_attn.relative_attention_bias.weight"
-    if shared in sd:
-        for key in expected:
-            if key.endswith(".self_attn.relative_attention_bias.weight") and key not in sd:
-                sd[key] = sd[shared]
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(sd[k].shape)} vs config {expected[k]}"
-        for k in sorted(set(sd) & set(expected))
-        if tuple(sd[k].shape) != expected[k]
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append("wrong shapes: " + "; ".join(wrong[:6]) + (f"; ... ({len(wrong)} in all)" if len(wrong) > 6 else ""))
-        if missing:
-            parts.append(f"missing keys: {_describe_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_describe_keys(unexpected)}")
-        raise BEATsCheckpointError(
-            f"{source}: the weights do not match its BEATs config (encoder_layers={config.encoder_layers}, "
-            f"encoder_embed_dim={config.encoder_embed_dim}, embed_dim={config.embed_dim}): " + " | ".join(parts)
-        )
-    return sd
-
-
-def _read_pickle(path: Path) -> tuple[BEATsConfig, Mapping[str, Any]]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not loadable safely"
-        message = str(exc)
-        detail = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-        if detail:
-            raise BEATsCheckpointError(
-                f"{path.name} was refused by the weights-only loader: it contains a Python object "
-                f"({detail.group(1)}) besides tensors and plain containers, and such objects are never unpickled "
-                "here. Re-save it as {'cfg': dict, 'model': state_dict} or convert it to .safetensors in a "
-                "trusted environment."
-            ) from exc
-        reason = re.search(r"WeightsUnpickler error: ([^\n]*\n*[^\n]*)", message)
-        text = " ".join(reason.group(1).split()) if reason else (message.strip().splitlines() or [type(exc).__name__])[0]
-        raise BEATsCheckpointError(
-            f"{path.name} is not a readable torch checkpoint ({type(exc).__name__}: {text})"
-        ) from exc
-    if not isinstance(obj, Mapping):
-        raise BEATsCheckpointError(
-            f"{path.name} is not a BEATs checkpoint: it holds a {type(obj).__name__}, "
-            "expected a dict with 'cfg' (config dict) and 'model' (state dict)"
-        )
-    if "cfg" not in obj or "model" not in obj:
-        found = _describe_keys(map(str, obj.keys()))
-        hint = ""
-        if obj and all(isinstance(v, Tensor) for v in obj.values()):
-            hint = (" It looks like a bare state dict" + (" of a BEATs model" if _looks_like_beats(obj) else "")
-                    + "; BEATs files must carry their 'cfg'.")
-        raise BEATsCheckpointError(
-            f"{path.name} is not a BEATs checkpoint: expected top-level keys 'cfg' and 'model' "
-            f"(the official BEATs format), found {found}.{hint}"
-        )
-    cfg, model = obj["cfg"], obj["model"]
-    if not isinstance(cfg, Mapping) or not isinstance(model, Mapping):
-        raise BEATsCheckpointError(
-            f"{path.name}: 'cfg' must be a dict and 'model' a state dict, got "
-            f"{type(cfg).__name__} and {type(model).__name__}"
-        )
-    if not _looks_like_beats(k for k in model if isinstance(k, str)):
-        raise BEATsCheckpointError(
-            f"{path.name} is not a BEATs checkpoint: found keys {_describe_keys(map(str, model))}; expected BEATs keys "
-            "such as patch_embedding.weight, encoder.layers.0.self_attn.q_proj.weight"
-        )
-    try:
-        config = BEATsConfig.from_dict(cfg, defaults=OFFICIAL_CLASS_DEFAULTS)
-    except ValueError as exc:
-        raise BEATsCheckpointError(f"{path.name}: {exc}") from exc
-    return config, model
-
-
-def _read_safetensors(path: Path) -> tuple[BEATsConfig, Mapping[str, Tensor]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            keys = list(handle.keys())
-            if SAFETENSORS_CONFIG_KEY not in metadata:
-                kind = metadata.get("format")
-                what = f" (its metadata says format={kind!r})" if kind else ""
-                raise BEATsCheckpointError(
-                    f"{path.name} is not a BEATs safetensors file{what}: metadata key {SAFETENSORS_CONFIG_KEY!r} is "
-                    f"missing (metadata keys: {_describe_keys(metadata)}; tensors: {_describe_keys(keys)}). "
-                    "Convert an official BEATs .pt with `python -m audiotoken_core.beats SRC.pt DST.safetensors`."
-                )
-            tensors = {k: handle.get_tensor(k) for k in keys}
-    except BEATsCheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise BEATsCheckpointError(f"{path.name} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
-    try:
-        cfg = json.loads(metadata[SAFETENSORS_CONFIG_KEY])
-    except json.JSONDecodeError as exc:
-        raise BEATsCheckpointError(f"{path.name}: metadata {SAFETENSORS_CONFIG_KEY!r} is not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise BEATsCheckpointError(f"{path.name}: metadata {SAFETENSORS_CONFIG_KEY!r} must be a JSON object")
-    try:
-        config = BEATsConfig.from_dict(cfg)
-    except ValueError as exc:
-        raise BEATsCheckpointError(f"{path.name}: {exc}") from exc
-    return config, tensors
-
-
-def _is_safetensors(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    if head[:4] == _ZIP_MAGIC:
-        return False
-    if len(head) == 9 and head[8:9] == b"{":
-        return True
-    return path.suffix.lower() == ".safetensors"
-
-
-def load_beats_state(path: str | Path) -> tuple[BEATsConfig, dict[str, Tensor]]:
-    """Read a BEATs checkpoint -> (config, encoder state dict without `predictor.*`).
-
-    Accepts the official torch pickle `{'cfg': dict, 'model': state_dict, ...}` (read with
-    `torch.load(weights_only=True)`, so arbitrary objects are refused) and `.safetensors`
-    files with the config JSON in metadata key `beats_config`. The file kind is sniffed
-    from its first bytes. Raises FileNotFoundError or BEATsCheckpointError.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"BEATs checkpoint not found: {path}")
-    if not path.is_file():
-        raise BEATsCheckpointError(f"{path} is not a file (expected a BEATs .pt or .safetensors checkpoint)")
-    if _is_safetensors(path):
-        config, state = _read_safetensors(path)
-    else:
-        config, state = _read_pickle(path)
-    return config, _normalise_state_dict(state, config, path.name)
-
-
-def save_beats_safetensors(
-    path: str | Path, config: BEATsConfig | Mapping[str, Any], state_dict: Mapping[str, Tensor]
-) -> Path:
-    """Write `state_dict` (checked against `config`) to a BEATs .safetensors file.
-
-    The classifier head is dropped. Tensors that share storage (the relative-position
-    table of every layer) are stored as separate copies, as safetensors requires.
-    """
-    from safetensors.torch import save_file
-
-    if not isinstance(config, BEATsConfig):
-        config = BEATsConfig.from_dict(config)
-    path = Path(path)
-    sd = _normalise_state_dict(state_dict, config, path.name)
-    tensors: dict[str, Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for key in sorted(sd):
-        tensor = sd[key].detach().to("cpu")
-        ident = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
-        if ident in seen or not tensor.is_contiguous():
-            tensor = tensor.contiguous().clone()
-        else:
-            seen.add(ident)
-        tensors[key] = tensor
-    metadata = {"format": "beats", SAFETENSORS_CONFIG_KEY: json.dumps(config.to_dict(), sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
-
-
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m audiotoken_core.beats",
-        description="Convert an official BEATs checkpoint (.pt, read weights-only) to .safetensors.",
-    )
-    parser.add_argument("source", help="official BEATs checkpoint, e.g. BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt")
-    parser.add_argument("target", help="output .safetensors path")
-    args = parser.parse_args(argv)
-    config, state = load_beats_state(args.source)
-    out = save_beats_safetensors(args.target, config, state)
-    print(f"wrote {out} ({sum(t.numel() for t in state.values()) / 1e6:.1f} M values, "
-          f"{config.encoder_layers} layers x {config.encoder_embed_dim})")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(_main())
+        return self.forward_fbank(beats_fbank(wave16.to(device=self.patch_embedding.weight.device)), num_layers)

@@ -68,7 +68,6 @@ __all__ = [
     "REFERENCE_STATE_DICT_NAMES",
     "reference_state_dict_shapes",
     "state_dict_problems",
-    "infer_dims",
 ]
 
 # The 13 tensor names of the reference FGAEmbedder state dict, in reference order.
@@ -118,47 +117,15 @@ def _fmt_names(names: list[str], limit: int = 5) -> str:
     return shown
 
 
-def infer_dims(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int]:
-    """(input_dim, output_dim) from the shapes of ``fc1.weight`` and ``fc2.weight``.
-
-    Raises ValueError when those two tensors are missing or not 2-D.
-    """
-    fc1 = shapes.get("fc1.weight")
-    fc2 = shapes.get("fc2.weight")
-    if fc1 is None or fc2 is None:
-        missing = [n for n in ("fc1.weight", "fc2.weight") if shapes.get(n) is None]
-        raise ValueError(f"cannot infer the Embedder size: missing {_fmt_names(missing)}")
-    if len(fc1) != 2 or len(fc2) != 2:
-        raise ValueError(
-            f"cannot infer the Embedder size: fc1.weight has shape {list(fc1)} and "
-            f"fc2.weight has shape {list(fc2)}; both must be 2-D"
-        )
-    return int(fc1[1]), int(fc2[0])
-
-
-def state_dict_problems(
-    shapes: Mapping[str, tuple[int, ...]], input_dim: int, output_dim: int, prefix: str = ""
-) -> list[str]:
-    """Human-readable problems of a name -> shape mapping versus the reference layout.
-
-    Returns an empty list when the names are exactly the 13 reference names and every
-    shape matches ``input_dim -> output_dim``. ``prefix`` is prepended to names in the
-    messages (e.g. ``"embedders.l."``).
-    """
-    expected = reference_state_dict_shapes(input_dim, output_dim)
-    problems: list[str] = []
-    missing = [prefix + n for n in expected if n not in shapes]
-    unexpected = [prefix + n for n in shapes if n not in expected]
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {_fmt_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {_fmt_names(unexpected)}")
-    for name, shape in expected.items():
-        if name in shapes and tuple(shapes[name]) != shape:
-            problems.append(
-                f"{prefix}{name}: expected shape {list(shape)}, found {list(shapes[name])}"
-            )
-    return problems
+def state_dict_problems(shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Human-readable differences between a name -> shape mapping and the ``expected`` one
+    (e.g. :func:`reference_state_dict_shapes`); empty when names and shapes are equal."""
+    missing = [n for n in expected if n not in shapes]
+    unexpected = [n for n in shapes if n not in expected]
+    problems = [f"missing {len(missing)} tensor(s): {_fmt_names(missing)}"] if missing else []
+    problems += [f"unexpected {len(unexpected)} tensor(s): {_fmt_names(unexpected)}"] if unexpected else []
+    return problems + [f"{n}: expected shape {list(s)}, found {list(shapes[n])}"
+                       for n, s in expected.items() if n in shapes and tuple(shapes[n]) != tuple(s)]
 
 
 @dataclass
@@ -177,17 +144,15 @@ class EmbedderConfig:
     pooling_dropout: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("input_dim", "output_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EmbedderConfig.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.stochastic_pooling, bool):
-            raise ValueError(
-                f"EmbedderConfig.stochastic_pooling must be a bool, got {self.stochastic_pooling!r}"
-            )
+        def positive_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
         p = self.pooling_dropout
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
-            raise ValueError(f"EmbedderConfig.pooling_dropout must be in [0, 1), got {p!r}")
+        if not (positive_int(self.input_dim) and positive_int(self.output_dim)
+                and isinstance(self.stochastic_pooling, bool)
+                and isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p < 1.0):
+            raise ValueError(f"bad EmbedderConfig {asdict(self)}: input_dim and output_dim must be positive ints, "
+                             "stochastic_pooling a bool and pooling_dropout in [0, 1)")
         self.pooling_dropout = float(p)
 
     def to_dict(self) -> dict[str, Any]:
@@ -334,24 +299,23 @@ class Embedder(nn.Module):
         return self
 
     @classmethod
-    def from_state_dict(
-        cls, state_dict: Mapping[str, torch.Tensor], **config_overrides: Any
-    ) -> "Embedder":
-        """Build an Embedder whose sizes are inferred from a reference-layout state dict.
-
-        Raises ValueError naming missing / unexpected tensors and wrong shapes.
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], **config_overrides: Any) -> "Embedder":
+        """An Embedder (eval mode, float32 copies of the weights) whose sizes are read from a
+        reference-layout state dict. Raises ValueError naming missing / unexpected tensors and wrong shapes.
         """
         shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-        input_dim, output_dim = infer_dims(shapes)
-        problems = state_dict_problems(shapes, input_dim, output_dim)
+        fc1, fc2 = shapes.get("fc1.weight", ()), shapes.get("fc2.weight", ())
+        if len(fc1) != 2 or len(fc2) != 2:
+            raise ValueError(f"not a reference Embedder state dict: fc1.weight and fc2.weight must be matrices, "
+                             f"found shapes {list(fc1)} and {list(fc2)}")
+        problems = state_dict_problems(shapes, reference_state_dict_shapes(fc1[1], fc2[0]))
         if problems:
             raise ValueError("not a reference Embedder state dict: " + "; ".join(problems))
-        config = EmbedderConfig(
-            **{"input_dim": input_dim, "output_dim": output_dim, **config_overrides}
-        )
-        model = cls(config)
-        model.load_state_dict({k: v.detach().float() for k, v in state_dict.items()})
-        return model
+        with torch.device("meta"):
+            model = cls(EmbedderConfig(input_dim=fc1[1], output_dim=fc2[0], **config_overrides))
+        model.load_state_dict({k: v.detach().to(torch.float32, copy=True) for k, v in state_dict.items()},
+                              assign=True)
+        return model.eval()
 
     def forward(
         self,
@@ -359,30 +323,10 @@ class Embedder(nn.Module):
         padding_mask: torch.Tensor | None = None,
         return_weights: bool = False,
     ):
-        """features: [B, N, input_dim]; padding_mask: optional [B, N] bool (True = padded).
+        """features: [B, N, input_dim]; padding_mask: optional [B, N] bool (True = padded; at least one
+        real frame per row), on the features' device.
 
         Returns [B, output_dim], or ``(embedding, weights [B, N])`` with ``return_weights``.
         """
-        if features.dim() != 3:
-            raise ValueError(
-                f"Embedder expects features of shape [B, N, {self.input_dim}], "
-                f"got {list(features.shape)}"
-            )
-        b, n, f = features.shape
-        if f != self.input_dim:
-            raise ValueError(
-                f"Embedder expects feature width {self.input_dim}, got {f} "
-                f"(features shape {list(features.shape)})"
-            )
-        if n == 0:
-            raise ValueError("Embedder got a sequence of length 0")
-        if padding_mask is not None:
-            if tuple(padding_mask.shape) != (b, n):
-                raise ValueError(
-                    f"padding_mask must have shape [{b}, {n}], got {list(padding_mask.shape)}"
-                )
-            padding_mask = padding_mask.to(device=features.device, dtype=torch.bool)
-            if bool(padding_mask.all(dim=1).any()):
-                raise ValueError("padding_mask marks every frame of some batch item as padded")
         x = self.fc2(self.gelu(self.fc1(features)))
         return self.fga(x, padding_mask=padding_mask, return_weights=return_weights)

@@ -12,9 +12,11 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
+
+from .io import save_safetensors
 
 __all__ = [
     "AudioEmbedding",
@@ -28,56 +30,18 @@ __all__ = [
 EMBEDDING_FORMAT = "audiotoken-embedding"
 EMBEDDING_FORMAT_VERSION = "1"
 _TENSOR_PREFIX = "vectors."
-_RESERVED_METADATA = ("format", "format_version", "source")
 
 
 @dataclass(eq=False)
 class AudioEmbedding:
-    """Vectors ``{key: [B, D]}`` for B clips; every key has the same B.
-
-    Tensors are detached and converted to float32 on the CPU. Raises ValueError for an
-    empty dict, a non-string key, a non-tensor or non-2-D value, mismatched batch sizes
-    or non-finite values.
-    """
+    """Vectors ``{key: [B, D]}`` for B clips (every key has the same B), stored detached as float32
+    on the CPU. Files are checked by :func:`load_embedding`; vectors made in code are trusted."""
 
     vectors: dict[str, torch.Tensor]
     source: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.vectors, Mapping) or not self.vectors:
-            raise ValueError("AudioEmbedding needs at least one text-encoder key, got none")
-        if not isinstance(self.source, str):
-            raise ValueError(f"AudioEmbedding.source must be a str, got {type(self.source).__name__}")
-        clean: dict[str, torch.Tensor] = {}
-        batch: int | None = None
-        first_key = None
-        for key, value in self.vectors.items():
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"AudioEmbedding keys must be non-empty strings, got {key!r}")
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(
-                    f"AudioEmbedding vector {key!r} must be a torch.Tensor, got {type(value).__name__}"
-                )
-            if value.dim() != 2:
-                raise ValueError(
-                    f"AudioEmbedding vector {key!r} must be 2-D [B, D], got shape {list(value.shape)}"
-                )
-            if value.shape[0] < 1 or value.shape[1] < 1:
-                raise ValueError(
-                    f"AudioEmbedding vector {key!r} is empty (shape {list(value.shape)})"
-                )
-            if batch is None:
-                batch, first_key = int(value.shape[0]), key
-            elif int(value.shape[0]) != batch:
-                raise ValueError(
-                    f"AudioEmbedding batch sizes differ: {first_key!r} has {batch}, "
-                    f"{key!r} has {int(value.shape[0])}"
-                )
-            tensor = value.detach().to(device="cpu", dtype=torch.float32)
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"AudioEmbedding vector {key!r} contains NaN or Inf")
-            clean[key] = tensor.contiguous()
-        self.vectors = clean
+        self.vectors = {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous() for k, v in self.vectors.items()}
 
     @property
     def batch_size(self) -> int:
@@ -111,17 +75,6 @@ def blend_embeddings(
     """
     embeddings = list(embeddings)
     weights = [float(w) for w in weights]
-    if not embeddings:
-        raise ValueError("blend_embeddings needs at least one embedding")
-    if len(weights) != len(embeddings):
-        raise ValueError(
-            f"blend_embeddings got {len(embeddings)} embeddings but {len(weights)} weights"
-        )
-    for i, emb in enumerate(embeddings):
-        if not isinstance(emb, AudioEmbedding):
-            raise ValueError(f"blend_embeddings item {i} is a {type(emb).__name__}, not an AudioEmbedding")
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"blend weights must be finite, got {weights}")
     if normalize_weights:
         total = math.fsum(weights)
         if abs(total) < 1e-12:
@@ -134,17 +87,11 @@ def blend_embeddings(
     ref = embeddings[0]
     ref_widths = ref.widths
     for i, emb in enumerate(embeddings[1:], start=1):
-        if set(emb.widths) != set(ref_widths):
+        if emb.widths != ref_widths:
             raise ValueError(
-                f"cannot blend: {_describe(ref, 0)} has text-encoder keys {sorted(ref_widths)} "
-                f"but {_describe(emb, i)} has {sorted(emb.widths)}"
+                f"cannot blend: {_describe(ref, 0)} has text-encoder widths {ref_widths} but {_describe(emb, i)} "
+                f"has {emb.widths}; blend embeddings made for the same model family"
             )
-        for key, width in emb.widths.items():
-            if width != ref_widths[key]:
-                raise ValueError(
-                    f"cannot blend: key {key!r} has width {ref_widths[key]} in {_describe(ref, 0)} "
-                    f"but {width} in {_describe(emb, i)}"
-                )
     batches = [emb.batch_size for emb in embeddings]
     target = max(batches)
     for i, b in enumerate(batches):
@@ -165,54 +112,39 @@ def blend_embeddings(
     return AudioEmbedding(vectors=vectors, source=source)
 
 
-def save_embedding(
-    path: str | os.PathLike, emb: AudioEmbedding, metadata: dict | None = None
-) -> None:
-    """Write ``emb`` as safetensors (tensors ``vectors.<key>``).
+def save_embedding(path: str | os.PathLike, emb: AudioEmbedding, metadata: dict | None = None) -> None:
+    """Write ``emb`` as safetensors (tensors ``vectors.<key>``), atomically.
 
-    ``metadata`` values that are not strings are stored as JSON; the keys ``format``,
-    ``format_version`` and ``source`` are reserved.
+    ``metadata`` values that are not strings are stored as JSON; ``format``, ``format_version``
+    and ``source`` are always this file's own.
     """
-    from safetensors.torch import save_file
-
-    if not isinstance(emb, AudioEmbedding):
-        raise ValueError(f"save_embedding expects an AudioEmbedding, got {type(emb).__name__}")
-    meta: dict[str, str] = {}
-    for key, value in (metadata or {}).items():
-        if key in _RESERVED_METADATA:
-            raise ValueError(f"metadata key {key!r} is reserved")
-        meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     meta.update(format=EMBEDDING_FORMAT, format_version=EMBEDDING_FORMAT_VERSION, source=emb.source)
-    tensors = {_TENSOR_PREFIX + k: v.contiguous() for k, v in emb.vectors.items()}
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    save_safetensors(path, {_TENSOR_PREFIX + k: v for k, v in emb.vectors.items()}, meta)
 
 
 def load_embedding(path: str | os.PathLike) -> AudioEmbedding:
-    """Read a file written by :func:`save_embedding`. Raises ValueError on any problem."""
+    """Read a file written by :func:`save_embedding`. Raises ValueError naming any problem."""
     from safetensors import safe_open
 
     path = os.fspath(path)
+    name = os.path.basename(path)
     if not os.path.isfile(path):
         raise ValueError(f"audio embedding file not found: {path}")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            names = list(f.keys())
-            fmt = meta.get("format")
-            if fmt != EMBEDDING_FORMAT:
-                raise ValueError(
-                    f"{os.path.basename(path)} is not an audio embedding file: expected metadata "
-                    f"format={EMBEDDING_FORMAT!r}, found {fmt!r}"
-                )
-            bad = [n for n in names if not n.startswith(_TENSOR_PREFIX)]
-            if bad:
-                raise ValueError(f"unexpected tensors in audio embedding file: {bad[:5]}")
-            vectors = {n[len(_TENSOR_PREFIX):]: f.get_tensor(n) for n in names}
-    except ValueError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad headers
+        raise ValueError(f"{name} is not a readable safetensors file: {exc}") from exc
+    problems = [] if meta.get("format") == EMBEDDING_FORMAT else [
+        f"expected metadata format={EMBEDDING_FORMAT!r}, found {meta.get('format')!r}"]
+    vectors = {n[len(_TENSOR_PREFIX):]: t for n, t in tensors.items() if n.startswith(_TENSOR_PREFIX)}
+    problems += [f"unexpected tensor {n!r}" for n in tensors if not n.startswith(_TENSOR_PREFIX)]
+    problems += [f"vector {k!r} is not a finite float [B, D] tensor (shape {list(t.shape)})" for k, t in vectors.items()
+                 if t.dim() != 2 or 0 in t.shape or not t.is_floating_point() or not bool(torch.isfinite(t).all())]
+    if not problems and (not vectors or len({t.shape[0] for t in vectors.values()}) != 1):
+        problems.append(f"needs vectors with one batch size, found {({k: t.shape[0] for k, t in vectors.items()})}")
+    if problems:
+        raise ValueError(f"{name} is not an audio embedding file: " + "; ".join(problems))
     return AudioEmbedding(vectors=vectors, source=meta.get("source", ""))

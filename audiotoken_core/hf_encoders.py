@@ -2,7 +2,7 @@
 
 A model is read from a LOCAL folder (config.json + *.safetensors, `local_files_only=True`;
 nothing is ever downloaded). Folders that only have `pytorch_model*.bin` pickles are read
-with `torch.load(weights_only=True)` by us, so no arbitrary object is ever unpickled.
+weights-only by us (`io.load_torch_weights_only`), so a pickle that carries code is refused.
 
 Preprocessing is torch code equal to the transformers feature extractors:
 - AST (`ASTFeatureExtractor`): Kaldi fbank of the [-1, 1] waveform as given (the
@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .audio import TARGET_SAMPLE_RATE
-from .encoders import AudioEncoder, EncoderSpec, resolve_layers
+from .encoders import AudioEncoder, AudioEncoderFileError, EncoderSpec, resolve_layers
 from .fbank import kaldi_fbank
+from .io import load_torch_weights_only
 
 __all__ = [
     "HFAudioEncoder",
-    "HFEncoderFileError",
     "HF_MODEL_TYPES",
     "AST_DEFAULT_MEAN",
     "AST_DEFAULT_STD",
@@ -52,10 +52,6 @@ _W2V_NORM_EPS = 1e-7  # Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
 _OPTIONAL_KEYS = ("masked_spec_embed",)
 
 
-class HFEncoderFileError(ValueError):
-    """A folder that does not hold a usable transformers audio encoder."""
-
-
 def ast_features(
     wave16: Tensor,
     *,
@@ -66,7 +62,7 @@ def ast_features(
     do_normalize: bool = True,
 ) -> Tensor:
     """ASTFeatureExtractor in torch: [B, T] 16 kHz in [-1, 1] -> [B, max_length, num_mel_bins] float32."""
-    fbank = kaldi_fbank(wave16, sample_rate=TARGET_SAMPLE_RATE, num_mel_bins=num_mel_bins, window_type="hanning", dither=0.0)
+    fbank = kaldi_fbank(wave16, sample_rate=TARGET_SAMPLE_RATE, num_mel_bins=num_mel_bins, window_type="hanning")
     frames = fbank.shape[1]
     if frames < max_length:
         fbank = F.pad(fbank, (0, 0, 0, max_length - frames))  # zeros, padded before normalising
@@ -110,7 +106,10 @@ def _block_owner(model: nn.Module) -> tuple[nn.Module, str]:
                 break
         if owner is not None and isinstance(getattr(owner, attr, None), nn.ModuleList):
             return owner, attr
-    raise HFEncoderFileError(f"cannot find the transformer blocks of {type(model).__name__} (looked at {', '.join(_BLOCK_PATHS)})")
+    raise AudioEncoderFileError(
+        f"cannot find the transformer blocks of {type(model).__name__} (looked at {', '.join(_BLOCK_PATHS)}); "
+        "this transformers version lays the model out differently: install one the pack supports (requirements.txt)"
+    )
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -127,26 +126,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HFEncoderFileError(f"{path} is not readable JSON ({exc})") from exc
+        data = exc
     if not isinstance(data, dict):
-        raise HFEncoderFileError(f"{path} must hold a JSON object")
+        raise AudioEncoderFileError(f"{path} is not a readable JSON object ({data!r:.200}); re-download it")
     return data
-
-
-def _load_bin_weights_only(files: Sequence[Path]) -> dict[str, Tensor]:
-    state: dict[str, Tensor] = {}
-    for file in files:
-        try:
-            part = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise HFEncoderFileError(
-                f"{file.name} was refused by the weights-only loader ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
-                "only plain tensor state dicts are loaded from .bin pickles. Use a model.safetensors instead."
-            ) from exc
-        if not isinstance(part, Mapping) or not all(isinstance(v, Tensor) for v in part.values()):
-            raise HFEncoderFileError(f"{file.name} is not a state dict of tensors")
-        state.update(part)
-    return state
 
 
 def _conv_min_samples(config) -> int:
@@ -169,8 +152,6 @@ class HFAudioEncoder(AudioEncoder):
         mean: float = AST_DEFAULT_MEAN,
         std: float = AST_DEFAULT_STD,
     ) -> None:
-        if kind not in HF_MODEL_TYPES.values():
-            raise ValueError(f"unknown transformers encoder kind {kind!r}; expected ast, wav2vec2 or hubert")
         blocks = _blocks(model)
         layers = resolve_layers(layers, len(blocks))
         super().__init__(EncoderSpec(kind=kind, layers=layers, hidden_size=int(model.config.hidden_size)))
@@ -193,13 +174,12 @@ class HFAudioEncoder(AudioEncoder):
     # -- loading ------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, folder: str | Path, layers: Sequence[int] | None = None) -> "HFAudioEncoder":
+        """The model of a folder holding config.json (checked by `load_audio_encoder`)."""
         folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise HFEncoderFileError(f"{folder} has no config.json (expected a transformers model folder)")
         raw = _read_json(folder / "config.json")
         model_type = raw.get("model_type")
         if model_type not in HF_MODEL_TYPES:
-            raise HFEncoderFileError(
+            raise AudioEncoderFileError(
                 f"{folder.name}: config.json has model_type {model_type!r}; supported audio encoders are "
                 + ", ".join(f"{k!r} ({v})" for k, v in HF_MODEL_TYPES.items())
             )
@@ -208,35 +188,32 @@ class HFAudioEncoder(AudioEncoder):
         try:
             config = config_cls.from_pretrained(str(folder), local_files_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise HFEncoderFileError(f"{folder.name}: config.json could not be read by transformers ({exc})") from exc
+            raise AudioEncoderFileError(f"{folder.name}: config.json could not be read by transformers ({exc})") from exc
         num_layers = int(config.num_hidden_layers)
         resolve_layers(layers, num_layers)  # fail on bad layers before loading weights
 
         safetensors = sorted(folder.glob("*.safetensors"))
         bins = sorted(p for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
-        kwargs: dict[str, Any] = {"config": config, "local_files_only": True, "output_loading_info": True}
-        if safetensors:
-            kwargs["use_safetensors"] = True
-        elif bins:
-            kwargs["state_dict"] = _load_bin_weights_only(bins)
-        else:
-            raise HFEncoderFileError(
+        if not safetensors and not bins:
+            raise AudioEncoderFileError(
                 f"{folder.name} has no weights: expected model.safetensors (or model-0000x-of-0000y.safetensors) "
                 "next to config.json"
             )
+        parts = [] if safetensors else [load_torch_weights_only(file, "a transformers state dict") for file in bins]
         try:
-            # With our own (weights-only) state dict, transformers must not look at the folder's files.
-            source = None if "state_dict" in kwargs else str(folder)
-            model, info = model_cls.from_pretrained(source, **kwargs)
-        except HFEncoderFileError:
-            raise
+            kwargs: dict[str, Any] = {"config": config, "local_files_only": True, "output_loading_info": True}
+            if safetensors:
+                kwargs["use_safetensors"] = True
+            else:  # our own weights-only state dict: transformers must not look at the folder's files
+                kwargs["state_dict"] = {k: v for part in parts for k, v in part.items()}
+            model, info = model_cls.from_pretrained(None if parts else str(folder), **kwargs)
         except Exception as exc:  # noqa: BLE001
-            raise HFEncoderFileError(f"{folder.name}: the weights could not be loaded ({type(exc).__name__}: {exc})") from exc
+            raise AudioEncoderFileError(f"{folder.name}: the weights could not be loaded ({type(exc).__name__}: {exc})") from exc
         missing = [k for k in info.get("missing_keys", []) if not any(k.endswith(o) for o in _OPTIONAL_KEYS)]
         mismatched = list(info.get("mismatched_keys", []))
         if missing or mismatched:
             shown = ", ".join(map(str, (missing + mismatched)[:6]))
-            raise HFEncoderFileError(
+            raise AudioEncoderFileError(
                 f"{folder.name}: the weights do not fit its config.json ({len(missing)} missing, "
                 f"{len(mismatched)} of the wrong shape: {shown}); the folder is incomplete or mixed up"
             )
@@ -247,7 +224,7 @@ class HFAudioEncoder(AudioEncoder):
             pre = _read_json(folder / "preprocessor_config.json")
         rate = pre.get("sampling_rate", TARGET_SAMPLE_RATE)
         if rate != TARGET_SAMPLE_RATE:
-            raise HFEncoderFileError(
+            raise AudioEncoderFileError(
                 f"{folder.name}: preprocessor_config.json says sampling_rate={rate}; only 16 kHz encoders are supported"
             )
         return cls(

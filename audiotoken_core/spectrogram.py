@@ -32,13 +32,10 @@ _FRAME_SAMPLES = 400  # one 25 ms frame at 16 kHz: the shortest sound that has a
 
 
 def _mono16(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    wave = torch.as_tensor(waveform)
-    if not wave.is_floating_point():
-        raise AudioInputError(f"render_spectrogram expects float audio in [-1, 1], got {wave.dtype}")
-    if wave.ndim == 2:  # [channels, samples]
-        wave = wave.mean(0)
-    if wave.ndim != 1:
-        raise AudioInputError(f"render_spectrogram expects [samples] or [channels, samples], got {tuple(wave.shape)}")
+    """Decoded float audio [samples] or [channels, samples] -> its mono mix at 16 kHz, at least one frame long."""
+    wave = waveform.mean(0) if waveform.ndim == 2 else waveform
+    if not torch.isfinite(wave).all():
+        raise AudioInputError("the audio contains NaN or infinite samples; re-export the file so every sample is finite")
     wave = resample(wave.float(), int(sample_rate), TARGET_SAMPLE_RATE)
     if wave.shape[-1] < _FRAME_SAMPLES:
         wave = torch.nn.functional.pad(wave, (0, _FRAME_SAMPLES - wave.shape[-1]))
@@ -54,8 +51,6 @@ def log_mel_db(waveform: torch.Tensor, sample_rate: int = TARGET_SAMPLE_RATE, n_
 
 def colourise(values: np.ndarray, cmap: str = "magma") -> np.ndarray:
     """[...] floats in [0, 1] -> [..., 3] uint8 through a colour map of COLOUR_MAPS."""
-    if cmap not in COLOUR_MAPS:
-        raise ValueError(f"unknown colour map {cmap!r}; choose one of {', '.join(COLOUR_MAPS)}")
     anchors = np.asarray(COLOUR_MAPS[cmap], dtype=np.float64)
     x = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0, 1.0) * (len(anchors) - 1)
     low = np.minimum(np.floor(x).astype(np.int64), len(anchors) - 2)
@@ -73,19 +68,15 @@ def render_spectrogram(waveform: torch.Tensor, sample_rate: int = TARGET_SAMPLE_
     and mel bin. Levels: the loudest bin is the top of the colour map, `dynamic_range_db`
     below it the bottom (silence renders as the map's darkest colour).
     """
-    if not dynamic_range_db > 0:
-        raise ValueError(f"dynamic_range_db must be positive, got {dynamic_range_db}")
     db = log_mel_db(waveform, sample_rate, n_mels)
     top = float(db.max())
     level = ((db - (top - dynamic_range_db)) / dynamic_range_db).clamp(0.0, 1.0)
-    if float(torch.as_tensor(waveform).abs().max()) == 0.0:
+    if float(waveform.abs().max()) == 0.0:
         level.zero_()  # digital silence: every bin sits at the log floor
     image = colourise(level.flip(0).numpy(), cmap)
     if size is not None:
         from PIL import Image
 
         width, height = int(size[0]), int(size[1])
-        if width < 1 or height < 1:
-            raise ValueError(f"size must be positive (width, height), got {size}")
         image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
     return image

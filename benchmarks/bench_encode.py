@@ -6,7 +6,7 @@ One run on one machine prints (and writes JSON next to the figures in docs/bench
   3. core CLIPTextEncode on the same CLIP;
   4. a 20-step KSampler on a random SD1.5-sized checkpoint (real UNet/CLIP/VAE sizes);
   5. a re-queued graph with unchanged audio on a real ComfyUI server (cache hit).
-BEATs-sized random encoder (12 x 768, 90M parameters), 10 s of audio. Goals (issue 2):
+BEATs-sized random encoder (12 x 768, 90M parameters), 10 s of audio. Goals:
 warm node <= 1.1 x bare forwards; re-queue ~0; audio conditioning <= 5 % of a 20-step generation.
 
 Usage: .venv/bin/python benchmarks/bench_encode.py [--size 256] [--repeats 5] [--json out.json]

@@ -3,7 +3,7 @@
 Parts (each timed alone, medians): data loading (decode + resample + image) vs cached
 (features + latents from disk), audio encoder forward, VAE encode, CLIP forward+backward
 (through the spliced vector), UNet forward+backward (denoising loss). Then whole trainer
-steps with caches; the floor is UNet + CLIP forward+backward. Goal (issue 3): step / floor
+steps with caches; the floor is UNet + CLIP forward+backward. Goal: step / floor
 <= 1.15 with caches. Peak memory: CPU max RSS, GPU max allocated.
 
 CPU (default): full SD1.5-sized random UNet/CLIP/VAE at a small frame size.

@@ -14,7 +14,7 @@ from ..audiotoken_core.encoders import load_audio_encoder
 from ..audiotoken_core.token_file import import_reference_embedder, load_audiotoken, save_audiotoken
 from . import model_folders as mf
 from .runtime import LoadedAudioToken, LoadedEncoder
-from .splice import check_prompt, encode_with_vectors
+from .splice import check_placeholder, encode_with_vectors, require_prompt
 
 CATEGORY = "audio/AudioToken"
 ENCODER = io.Custom("AUDIOTOKEN_ENCODER")
@@ -144,34 +144,27 @@ class AudioTokenLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, audiotoken_name=None, pooling=None):
-        if isinstance(pooling, str) and pooling not in POOLING_MODES:  # ComfyUI 0.3.75 skips V3 combo checks
-            return f"pooling '{pooling}' is not one of {POOLING_MODES}."
+    def validate_inputs(cls, audiotoken_name=None):
+        # ComfyUI lists a failed check once for every input the check reads: each check reads one input.
         return mf.missing_file_message(mf.AUDIOTOKEN_FOLDER, audiotoken_name, TOKEN_SUFFIXES) or True
 
     @classmethod
     def execute(cls, audiotoken_name: str, audio_encoder: LoadedEncoder, pooling: str) -> io.NodeOutput:
+        if pooling not in POOLING_MODES:  # ComfyUI 0.3.75 skips V3 combo checks
+            raise ValueError(f"pooling {pooling!r} is not one of {POOLING_MODES}; pick one from the list.")
         token = load_audiotoken(mf.resolve(mf.AUDIOTOKEN_FOLDER, audiotoken_name))
-        check_encoder_matches(token, audio_encoder, audiotoken_name)
+        audio_encoder.encoder.spec.check_token(token.encoder, f"AudioToken '{audiotoken_name}'")
         token.set_stochastic_pooling(pooling != POOLING_MODES[0])
         return io.NodeOutput(LoadedAudioToken(token=token, encoder=audio_encoder, name=audiotoken_name))
 
     @classmethod
     def fingerprint_inputs(cls, audiotoken_name, audio_encoder=None, pooling=POOLING_MODES[0]):
-        # Stochastic pooling must not be served from cache: each run should draw anew.
-        return float("nan") if pooling != POOLING_MODES[0] else audiotoken_name
-
-
-def check_encoder_matches(token, loaded: LoadedEncoder, token_name: str) -> None:
-    want, have = token.encoder, loaded.encoder.spec
-    if want.get("kind") != have.kind or tuple(want.get("layers", ())) != tuple(have.layers) \
-            or token.feature_dim != have.feature_dim:
-        raise ValueError(
-            f"AudioToken '{token_name}' was trained on {want.get('kind')} layers {list(want.get('layers', []))} "
-            f"({token.feature_dim} features) but the connected encoder '{loaded.name}' is {have.kind} layers "
-            f"{list(have.layers)} ({have.feature_dim} features). Load the matching encoder and set its layers to "
-            f"{','.join(str(x) for x in want.get('layers', []))}."
-        )
+        # Stochastic pooling must not be served from cache: each run should draw anew. Otherwise the
+        # file's content decides, so a token retrained under the same name is loaded again.
+        if pooling != POOLING_MODES[0]:
+            return float("nan")
+        path = folder_paths.get_full_path(mf.AUDIOTOKEN_FOLDER, audiotoken_name) if isinstance(audiotoken_name, str) else None
+        return mf.file_fingerprint(path) if path else audiotoken_name
 
 
 class AudioTokenEmbedAudio(io.ComfyNode):
@@ -246,10 +239,10 @@ class AudioTokenConditioning(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, placeholder=None):
-        if isinstance(text, str) and isinstance(placeholder, str):
-            return check_prompt(text, placeholder) or True
-        return True
+    def validate_inputs(cls, placeholder=None):
+        # ComfyUI lists a failed check once for every input the check reads: this one reads one.
+        # Whether the prompt holds the placeholder is checked first thing in execute.
+        return (isinstance(placeholder, str) and check_placeholder(placeholder)) or True
 
     @classmethod
     def execute(cls, clip, audio_embedding, text, placeholder) -> io.NodeOutput:
@@ -277,12 +270,13 @@ class AudioTokenEncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, placeholder=None):
-        return AudioTokenConditioning.validate_inputs(text=text, placeholder=placeholder)
+    def validate_inputs(cls, placeholder=None):
+        return AudioTokenConditioning.validate_inputs(placeholder=placeholder)
 
     @classmethod
     def execute(cls, clip, audio, audiotoken: LoadedAudioToken, text, placeholder, start_seconds, window_seconds,
                 channels, loop_short_audio) -> io.NodeOutput:
+        require_prompt(text, placeholder)  # before the audio work
         emb, wave16 = audiotoken.embed_audio(audio, start_seconds=start_seconds, window_seconds=window_seconds,
                                      channel_policy=channels, loop=loop_short_audio)
         cond = encode_with_vectors(clip, text, placeholder, emb.vectors, f"AudioToken '{audiotoken.name}'")
@@ -359,7 +353,7 @@ class AudioTokenLoadEmbedding(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, embedding_name=None):
-        if isinstance(embedding_name, str) and embedding_name not in _input_embeddings():
+        if embedding_name not in _input_embeddings():
             return (f"'{embedding_name}' is not a .safetensors file in input/{EMBEDDING_SUBFOLDER}; "
                     f"copy a file saved by 'AudioToken Save Embedding' there and refresh.")
         return True
@@ -367,7 +361,7 @@ class AudioTokenLoadEmbedding(io.ComfyNode):
     @classmethod
     def execute(cls, embedding_name) -> io.NodeOutput:
         base = os.path.join(folder_paths.get_input_directory(), EMBEDDING_SUBFOLDER)
-        path = mf.path_inside(base, embedding_name, "Embedding")
+        path = mf.listed_path(base, embedding_name, "Embedding")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Embedding '{embedding_name}' is not a file in input/{EMBEDDING_SUBFOLDER}; "
                                     f"copy it there and refresh.")
@@ -393,25 +387,27 @@ class AudioTokenImportReference(io.ComfyNode):
             inputs=[io.Combo.Input("reference_file", options=mf.list_files(mf.AUDIOTOKEN_FOLDER, REFERENCE_SUFFIXES),
                                    tooltip="The released embedder_learned_embeds.bin, placed in models/audiotoken."),
                     io.String.Input("output_name", default="audiotoken_reference_sd14",
-                                    tooltip="Name of the .safetensors file to write in models/audiotoken.")],
+                                    tooltip="Name of the .safetensors file to write in models/audiotoken."),
+                    io.Boolean.Input("overwrite", default=False, optional=True,
+                                     tooltip="Replace a file of the same name in models/audiotoken; off refuses.")],
             outputs=[io.String.Output(display_name="audiotoken_name", tooltip="The file written; pick it in 'Load AudioToken'.")],
             is_output_node=True,
         )
 
     @classmethod
-    def validate_inputs(cls, reference_file=None):
-        return mf.missing_file_message(mf.AUDIOTOKEN_FOLDER, reference_file, REFERENCE_SUFFIXES) or True
+    def validate_inputs(cls, output_name=None):
+        # One input read, so a problem is listed once; a reference_file that is not there is refused when the
+        # node runs, with the folder to put it in.
+        return mf.output_name_problem(output_name) or True
 
     @classmethod
-    def execute(cls, reference_file, output_name) -> io.NodeOutput:
-        source = mf.resolve(mf.AUDIOTOKEN_FOLDER, reference_file)
-        name = os.path.basename(output_name.strip()) or "audiotoken_reference"
-        if not name.endswith(".safetensors"):
-            name += ".safetensors"
-        target = os.path.join(os.path.dirname(source), name)
-        token = import_reference_embedder(source)
-        save_audiotoken(target, token)
-        return io.NodeOutput(name, ui={"text": [json.dumps({"written": target})]})
+    def execute(cls, reference_file, output_name, overwrite=False) -> io.NodeOutput:
+        problem = mf.missing_file_message(mf.AUDIOTOKEN_FOLDER, reference_file, REFERENCE_SUFFIXES)
+        if problem:
+            raise FileNotFoundError(problem)
+        target = mf.output_path(mf.AUDIOTOKEN_FOLDER, output_name, ".safetensors", overwrite=overwrite)
+        save_audiotoken(target, import_reference_embedder(mf.resolve(mf.AUDIOTOKEN_FOLDER, reference_file)))
+        return io.NodeOutput(os.path.basename(target), ui={"text": [json.dumps({"written": target})]})
 
 
 NODES = [

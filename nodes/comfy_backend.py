@@ -17,15 +17,14 @@ ComfyUI's `CLIPLayer.forward` adds its residuals in place (`x += ...`), which br
 backpropagation to the input word embeddings; the layers of the private text-encoder copy
 become a subclass with an out-of-place forward (ComfyUI's class itself is untouched).
 
-Prompts go through `nodes/splice.py` (the same stand-in tokenization and vector entries
-as the inference node), so the training conditioning is the inference conditioning.
+Prompts go through `nodes/splice.py` (the same stand-in tokenization, vector entries and
+batched encode as the inference node), so the training conditioning is the inference conditioning.
 """
 from __future__ import annotations
 
 import copy
 import inspect
 import logging
-import numbers
 from collections import OrderedDict
 
 import torch
@@ -41,9 +40,10 @@ import comfy.utils
 from .splice import (
     PromptError,
     _concat_conditioning,
+    _is_token_id,
     _put_vectors,
     _stand_in_tokens,
-    check_vector_widths,
+    encode_token_rows,
     clip_family,
     clip_widths,
 )
@@ -87,9 +87,6 @@ def _make_clip_layers_out_of_place(module: torch.nn.Module, what: str) -> int:
     count = 0
     for layer in module.modules():
         if type(layer) is comfy.clip_model.CLIPLayer:
-            for name in ("layer_norm1", "self_attn", "layer_norm2", "mlp"):
-                if not hasattr(layer, name):
-                    raise RuntimeError(f"ComfyUI's CLIPLayer has no '{name}': update nodes/comfy_backend.py.")
             layer.__class__ = _OutOfPlaceCLIPLayer
             count += 1
         elif isinstance(layer, comfy.clip_model.CLIPLayer) and not isinstance(layer, _OutOfPlaceCLIPLayer):
@@ -103,31 +100,21 @@ def _make_clip_layers_out_of_place(module: torch.nn.Module, what: str) -> int:
     return count
 
 
-_SUBCLASSES: dict[tuple, type] = {}
+_CHECKPOINTED: dict[type, type] = {}
 
 
-def _subclass(base: type, kind: str) -> type:
-    """One cached subclass of `base` per kind ("capture": keeps the full pooled output of encode;
-    "checkpoint": recomputes forward activations in backward)."""
-    key = (base, kind)
-    if key not in _SUBCLASSES:
-        if kind == "capture":
-            def encode(self, tokens):
-                out = base.encode(self, tokens)
-                self._audiotoken_pooled[0] = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-                return out
-            body = {"encode": encode}
-        else:
-            def forward(self, *args, **kwargs):
-                if not torch.is_grad_enabled():
-                    return base.forward(self, *args, **kwargs)
-                # ComfyUI mutates transformer_options between blocks: recompute with this call's values.
-                args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
-                kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-                return torch.utils.checkpoint.checkpoint(base.forward, self, *args, use_reentrant=False, **kwargs)
-            body = {"forward": forward}
-        _SUBCLASSES[key] = type(f"{base.__name__}_{kind.capitalize()}", (base,), body)
-    return _SUBCLASSES[key]
+def _checkpointed(base: type) -> type:
+    """One cached subclass of `base` whose forward recomputes its activations in backward."""
+    if base not in _CHECKPOINTED:
+        def forward(self, *args, **kwargs):
+            if not torch.is_grad_enabled():
+                return base.forward(self, *args, **kwargs)
+            # ComfyUI mutates transformer_options between blocks: recompute with this call's values.
+            args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+            kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+            return torch.utils.checkpoint.checkpoint(base.forward, self, *args, use_reentrant=False, **kwargs)
+        _CHECKPOINTED[base] = type(f"{base.__name__}_Checkpoint", (base,), {"forward": forward})
+    return _CHECKPOINTED[base]
 
 
 def _enable_gradient_checkpointing(unet: torch.nn.Module) -> int:
@@ -138,7 +125,7 @@ def _enable_gradient_checkpointing(unet: torch.nn.Module) -> int:
     count = 0
     for m in unet.modules():
         if type(m) in (ResBlock, BasicTransformerBlock):
-            m.__class__ = _subclass(type(m), "checkpoint")
+            m.__class__ = _checkpointed(type(m))
             count += 1
     return count
 
@@ -243,8 +230,9 @@ class ComfyBackend:
     `num_timesteps` (1000). Call `close()` (or use it as a context manager) to release the
     private copies early; otherwise they go with the object.
 
-    `batch_prompts=True` encodes a batch of prompts in one text-encoder pass (equal to the
-    per-item inference path, which is used whenever the batched result cannot be verified).
+    `batch_prompts=True` encodes a batch of prompts the way the inference node does
+    (`splice.encode_token_rows`: several rows per text-encoder pass, equal to encoding each row
+    alone); False encodes each row alone.
     `gradient_checkpointing=True` recomputes the UNet's ResBlock / transformer-block activations
     in backward (less memory, about one more UNet forward per step). `memory_required` (bytes,
     default 0) asks ComfyUI to keep that much device memory free for activations when it loads
@@ -252,17 +240,6 @@ class ComfyBackend:
     """
 
     def __init__(self, model, clip, vae=None, *, batch_prompts: bool = True, gradient_checkpointing: bool = False):
-        for obj, what, attrs in ((model, "MODEL", ("model", "load_device", "get_model_object")),
-                                 (clip, "CLIP", ("cond_stage_model", "tokenize", "patcher"))):
-            if obj is None or not all(hasattr(obj, a) for a in attrs):
-                raise BackendError(f"The training backend needs a ComfyUI {what} (got {type(obj).__name__}): "
-                                   f"connect the {what} output of a checkpoint loader.")
-        if vae is not None and not hasattr(vae, "encode"):
-            raise BackendError(f"The training backend needs a ComfyUI VAE or none (got {type(vae).__name__}).")
-        for needed in ("diffusion_model", "apply_model", "extra_conds", "process_latent_in"):
-            if not hasattr(model.model, needed):
-                raise BackendError(f"This MODEL ({type(model.model).__name__}) is not a UNet diffusion model that "
-                                   "AudioToken can train with; use an SD1.x, SD2.x or SDXL checkpoint.")
         try:
             self.widths = clip_widths(clip)
             self.family = clip_family(self.widths)
@@ -298,7 +275,6 @@ class ComfyBackend:
         self._clip.apply_hooks_to_conds = None
         if getattr(clip.patcher, "forced_hooks", None) is not None:
             log.warning("AudioToken training: the CLIP's scheduled hooks are not applied while training.")
-        self._install_pooled_capture(csm)
 
         self._model, self._unet_patcher = _private_copy(model, "the MODEL")
         if gradient_checkpointing and _enable_gradient_checkpointing(self._model.diffusion_model) == 0:
@@ -311,38 +287,19 @@ class ComfyBackend:
     def encode_prompt(self, text: str, placeholder: str, vectors: dict[str, torch.Tensor]) -> list:
         """CONDITIONING `[[cond [B, T, D], {"pooled_output": [B, P]}]]`; item b holds `vectors[key][b]`
         in place of the placeholder. Differentiable w.r.t. the vectors."""
-        self._check_open()
-        what = "The audio vectors"
-        check_vector_widths(vectors, self.widths, what)
-        batch = self._batch_size(vectors, what)
+        batch = len(next(iter(vectors.values())))
         tokens, ids = self._prompt_tokens(text, placeholder)
         with _GradMode():
             self._load()
             items = [_put_vectors(tokens, ids, {k: _plain(vectors[k][b]) for k in self.widths})
                      for b in range(batch)]
-            if self.batch_prompts and batch > 1:
-                batched = self._encode_batched(items)
-                if batched is not None:
-                    return batched
+            if self.batch_prompts:
+                return encode_token_rows(self._clip, items)
             return _concat_conditioning([self._clip.encode_from_tokens_scheduled(item) for item in items])
 
     def diffusion_loss(self, latents: torch.Tensor, cond, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Per-sample MSE [B] of the model's eps (or, for v models, v) prediction at DDPM timesteps."""
-        self._check_open()
-        if latents.dim() != 4 or noise.shape != latents.shape:
-            raise BackendError(f"diffusion_loss needs latents [B, C, h, w] and noise of the same shape; got "
-                               f"{tuple(latents.shape)} and {tuple(noise.shape)}.")
-        batch = latents.shape[0]
-        timesteps = torch.as_tensor(timesteps)
-        if timesteps.shape != (batch,):
-            raise BackendError(f"diffusion_loss needs one timestep per latent: shape ({batch},), got "
-                               f"{tuple(timesteps.shape)}.")
-        if timesteps.is_floating_point() and not torch.equal(timesteps, timesteps.round()):
-            raise BackendError("diffusion_loss needs whole DDPM timesteps (0..999).")
-        if int(timesteps.min()) < 0 or int(timesteps.max()) >= self.num_timesteps:
-            raise BackendError(f"DDPM timesteps run from 0 to {self.num_timesteps - 1}; got "
-                               f"{int(timesteps.min())}..{int(timesteps.max())}.")
-        cross, pooled, extras = self._unpack_cond(cond, batch)
+        cross, pooled, extras = self._unpack_cond(cond, latents.shape[0])
 
         with _GradMode():
             self._load()
@@ -374,15 +331,12 @@ class ComfyBackend:
 
     def label_targets(self, labels: list[str]) -> dict[str, torch.Tensor]:
         """{key: [B, D]}: the mean input word embedding of each label's tokens (no start/end/pad)."""
-        self._check_open()
-        if isinstance(labels, str):
-            labels = [labels]
         out: dict[str, list[torch.Tensor]] = {k: [] for k in self.widths}
         with torch.inference_mode(False), torch.no_grad():
             for label in labels:
                 tokens = self._clip.tokenize(str(label), return_word_ids=True)
                 for key in self.widths:
-                    ids = [int(t) for chunk in tokens[key] for t, _, word in chunk if word != 0 and _is_int(t)]
+                    ids = [int(t) for chunk in tokens[key] for t, _, word in chunk if word != 0 and _is_token_id(t)]
                     if not ids:
                         raise BackendError(f"The label '{label}' has no words for the text encoder to embed; "
                                            "give every training item a non-empty label.")
@@ -393,15 +347,6 @@ class ComfyBackend:
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> latents [B, C, H/8, W/8] as the diffusion model consumes them."""
-        self._check_open()
-        if self._vae is None:
-            raise BackendError("encode_images needs the VAE: connect the checkpoint's VAE to the training node "
-                               "(or train from cached latents).")
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise BackendError(f"encode_images needs images [B, 3, H, W]; got {tuple(images.shape)}.")
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise BackendError(f"encode_images needs pixel values in [0, 1]; got {lo:.3g}..{hi:.3g}.")
         with torch.inference_mode():  # ComfyUI's VAE (weights and moves) lives in inference mode
             latents = self._vae.encode(images.movedim(1, -1).clamp(0, 1))
         with torch.inference_mode(False), torch.no_grad():
@@ -411,22 +356,10 @@ class ComfyBackend:
     # -- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Take the private copies off ComfyUI's list of loaded models and drop them (their memory
-        goes as soon as no autograd graph of the caller holds them)."""
-        patchers = [p for p in (getattr(self, "_unet_patcher", None),
-                                getattr(getattr(self, "_clip", None), "patcher", None)) if p is not None]
-        loaded = getattr(mm, "current_loaded_models", None)
-        if loaded is not None and patchers:
-            for i in range(len(loaded) - 1, -1, -1):
-                if any(loaded[i].model is p for p in patchers):
-                    entry = loaded.pop(i)
-                    finalizer = getattr(entry, "model_finalizer", None)
-                    if finalizer is not None:
-                        finalizer.detach()
-        self._clip = None
-        self._model = None
-        self._ms = None
-        self._unet_patcher = None
+        """Drop the private copies. Nothing else references them (no reference cycles), so they are
+        freed at once, and ComfyUI's memory manager drops its entries for them by its own weak
+        references; memory still held by a caller's autograd graph or traceback goes with it."""
+        self._clip = self._model = self._ms = self._unet_patcher = None
         mm.soft_empty_cache()
 
     def __enter__(self):
@@ -452,10 +385,6 @@ class ComfyBackend:
             "AudioToken trains eps- and v-prediction models on the 1000-step DDPM schedule (SD1.x, SD2.x, SDXL)."
         )
 
-    def _check_open(self) -> None:
-        if getattr(self, "_model", None) is None:
-            raise BackendError("This training backend was closed; create a new one.")
-
     def _load(self) -> None:
         """Both private copies on the compute device (together, so one cannot evict the other mid-step).
 
@@ -480,79 +409,11 @@ class ComfyBackend:
         return value
 
     @staticmethod
-    def _batch_size(vectors: dict[str, torch.Tensor], what: str) -> int:
-        if any(v.dim() != 2 for v in vectors.values()):
-            raise BackendError(f"{what} must be [batch, width]; got shapes "
-                               f"{ {k: tuple(v.shape) for k, v in vectors.items()} }.")
-        sizes = {int(v.shape[0]) for v in vectors.values()}
-        if len(sizes) != 1 or 0 in sizes:
-            raise BackendError(f"{what} need one non-empty batch size for all text encoders; got {sorted(sizes)}.")
-        return sizes.pop()
-
-    def _install_pooled_capture(self, csm) -> None:
-        """Let each private text encoder keep its full pooled output of the last encode call
-        (ComfyUI keeps only the first prompt section's), for batched prompt encoding."""
-        for key in self.widths:
-            encoder = getattr(csm, f"clip_{key}")
-            encoder.__class__ = _subclass(type(encoder), "capture")
-            encoder._audiotoken_pooled = [None]
-
-    def _captured_pooled(self) -> dict:
-        csm = self._clip.cond_stage_model
-        return {key: getattr(csm, f"clip_{key}")._audiotoken_pooled for key in self.widths}
-
-    def _encode_batched(self, items: list[dict]) -> list | None:
-        """All items as consecutive prompt sections of ONE encode call (one text-encoder pass);
-        None when the result does not have the layout the per-item path would give."""
-        batch = len(items)
-        chunks = {k: len(items[0][k]) for k in items[0]}
-        if any(len(it[k]) != chunks[k] for it in items for k in chunks):
-            return None
-        merged = {k: [c for it in items for c in it[k]] for k in chunks}
-        captured = self._captured_pooled()
-        for slot in captured.values():
-            slot[0] = None
-        try:
-            out = self._clip.encode_from_tokens(merged, return_pooled=True, return_dict=True)
-            cond, pooled = out.pop("cond"), out.pop("pooled_output", None)
-            if cond.dim() != 3 or cond.shape[0] != 1 or cond.shape[1] % batch or pooled is None:
-                return None
-            cond = cond.reshape(batch, cond.shape[1] // batch, cond.shape[2])
-            per_item = None
-            for key, slot in captured.items():
-                full, step = slot[0], chunks.get(key, 0)
-                if full is None or step == 0 or full.shape[0] < batch * step or full.shape[-1] != pooled.shape[-1]:
-                    continue
-                rows = full[0:batch * step:step]
-                if torch.equal(rows[0:1].to(pooled.device), pooled):
-                    per_item = rows.to(pooled.device)
-                    break
-            if per_item is None:
-                return None
-            extras = {"pooled_output": per_item}
-            extras.update(out)
-            return [[cond, extras]]
-        finally:
-            for slot in captured.values():  # do not keep this step's graph alive
-                slot[0] = None
-
-    def _unpack_cond(self, cond, batch: int):
-        if torch.is_tensor(cond):
-            cross, extras = cond, {}
-        else:
-            try:
-                if len(cond) != 1:
-                    raise BackendError("diffusion_loss takes the conditioning of ONE prompt (one entry); got "
-                                       f"{len(cond)} entries.")
-                cross, extras = cond[0][0], dict(cond[0][1])
-            except (TypeError, IndexError, KeyError):
-                raise BackendError("diffusion_loss takes the CONDITIONING returned by encode_prompt.") from None
+    def _unpack_cond(cond, batch: int):
+        """encode_prompt's CONDITIONING -> (cross [B, T, D], pooled or None, other model inputs)."""
+        cross, extras = cond[0][0], dict(cond[0][1])
         pooled = extras.pop("pooled_output", None)
         extras = {k: v for k, v in extras.items() if k not in ("hooks", "clip_start_percent", "clip_end_percent")}
-        if cross.dim() != 3:
-            raise BackendError(f"The conditioning must be [B, tokens, width]; got {tuple(cross.shape)}.")
-        if cross.shape[0] not in (1, batch):
-            raise BackendError(f"The conditioning has batch {cross.shape[0]} but the latents have {batch}.")
         if cross.shape[0] == 1 and batch > 1:
             cross = cross.expand(batch, -1, -1)
             pooled = pooled.expand(batch, -1) if pooled is not None else None
@@ -560,10 +421,6 @@ class ComfyBackend:
 
     def _embedding_table(self, key: str):
         return getattr(self._clip.cond_stage_model, f"clip_{key}").transformer.get_input_embeddings()
-
-
-def _is_int(token) -> bool:
-    return isinstance(token, numbers.Integral)
 
 
 def _warn_unapplied_patches(model) -> None:

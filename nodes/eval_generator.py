@@ -26,7 +26,7 @@ from ..audiotoken_core.evaluation.runner import EvalProtocol, EvalResults, EvalR
 from ..audiotoken_core.token_file import weights_digest
 from ..audiotoken_core.training.trainer import new_audiotoken
 from .runtime import LoadedAudioToken
-from .splice import check_prompt, encode_with_vectors
+from .splice import check_prompt, encode_with_vectors, replace_placeholder
 
 FLOOR_SEED = 0  # the untrained Embedder of the floor row is new_audiotoken(..., seed=FLOOR_SEED)
 SHEET_COLUMNS = ("spectrogram", "audiotoken", "reference", "untrained", "text_label")
@@ -58,9 +58,49 @@ def _weights_id(obj, attr: str | None) -> str:
     return type(obj).__name__
 
 
-def _patches_id(model) -> str:
-    patches = getattr(model, "patches", None) or {}
-    return hashlib.sha256(repr(sorted((k, len(v)) for k, v in patches.items())).encode()).hexdigest()[:12]
+def _feed(h, value, depth: int = 0) -> None:
+    """Hash `value` by content: tensors by dtype, shape and bytes; containers and plain objects (a LoRA
+    adapter, a patch tuple) item by item; functions by name and captured values; modules by weights."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+    elif depth > 8:
+        h.update(type(value).__qualname__.encode())
+    elif isinstance(value, torch.nn.Module):
+        h.update(f"M{type(value).__qualname__}{module_fingerprint(value)}".encode())
+    elif isinstance(value, dict):
+        h.update(b"{")
+        for key in sorted(value, key=repr):
+            _feed(h, key, depth + 1)
+            _feed(h, value[key], depth + 1)
+        h.update(b"}")
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        h.update(b"[")
+        for item in (sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value):
+            _feed(h, item, depth + 1)
+        h.update(b"]")
+    elif callable(value) and hasattr(value, "__qualname__"):
+        h.update(f"F{getattr(value, '__module__', '')}.{value.__qualname__}".encode())
+        cells = [c.cell_contents for c in (getattr(value, "__closure__", None) or ()) if c.cell_contents is not value]
+        _feed(h, [cells, getattr(value, "__defaults__", None)], depth + 1)
+    elif hasattr(value, "__dict__"):
+        h.update(f"O{type(value).__qualname__}".encode())
+        _feed(h, {k: v for k, v in vars(value).items() if not k.startswith("_")}, depth + 1)
+    else:
+        h.update(type(value).__qualname__.encode())
+
+
+def patches_digest(patcher) -> str:
+    """Digest of what a ModelPatcher adds to its base weights: every weight patch (key, strengths, offset and
+    the patch's tensors, e.g. a LoRA's), object patches and model options. A changed LoRA or strength changes it."""
+    if patcher is None:
+        return "none"
+    h = hashlib.sha256()
+    _feed(h, [getattr(patcher, name, None) for name in ("patches", "object_patches", "model_options")])
+    return h.hexdigest()[:16]
 
 
 class ComfyGenerator:
@@ -89,8 +129,9 @@ class ComfyGenerator:
         self._negative_cond = None
         self._common = {
             "checkpoint": checkpoint_name,
-            "model_weights": _weights_id(getattr(model, "model", model), None), "model_patches": _patches_id(model),
-            "clip_weights": _weights_id(clip, "cond_stage_model"), "vae_weights": _weights_id(vae, "first_stage_model"),
+            "model_weights": _weights_id(getattr(model, "model", model), None), "model_patches": patches_digest(model),
+            "clip_weights": _weights_id(clip, "cond_stage_model"), "clip_patches": patches_digest(getattr(clip, "patcher", None)),
+            "clip_layer": getattr(clip, "layer_idx", None), "vae_weights": _weights_id(vae, "first_stage_model"),
             "negative": negative, "steps": self.steps, "cfg": self.cfg, "sampler": sampler, "scheduler": scheduler,
             "width": self.width, "height": self.height,
         }
@@ -114,7 +155,7 @@ class ComfyGenerator:
 
     def conditioning(self, system: str, item: EvalItem) -> list:
         if system == "text_label":
-            text = self.prompt.replace(self.placeholder, item.label)
+            text = replace_placeholder(self.prompt, self.placeholder, item.label)[0]  # as a word, like the splice
             return self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
         loaded = self.audiotoken if system == "audiotoken" else self.floor
         wave, rate = item_audio(item)

@@ -110,28 +110,21 @@ class AudioTokenEvaluate(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, eval_set=None, prompt=None, placeholder=None, clip_folder=None, wav2clip=None,
-                        inception=None):
-        if isinstance(eval_set, str) and eval_set not in _eval_sets():
+    def validate_inputs(cls, eval_set=None):
+        # ComfyUI lists a failed check once for every input the check reads: this one reads one; the other
+        # choices are checked first thing in execute.
+        if eval_set not in _eval_sets():
             return f"'{eval_set}' is not a folder in input/{EVAL_SUBFOLDER}; create it there and refresh."
-        if isinstance(prompt, str) and isinstance(placeholder, str):
-            problem = check_prompt(prompt, placeholder)
-            if problem:
-                return problem
-        if isinstance(clip_folder, str) and clip_folder != NONE and clip_folder not in _clip_folders():
-            return (f"'{clip_folder}' is not a transformers CLIP folder in models/{EVAL_MODEL_FOLDER} or "
-                    f"models/clip_vision; put it there, refresh and pick it (or 'none').")
-        for what, value in (("wav2clip", wav2clip), ("inception", inception)):
-            if isinstance(value, str) and value != NONE and value not in _model_files():
-                return (f"{what} '{value}' is not a file in models/{EVAL_MODEL_FOLDER}; put it there, refresh and "
-                        f"pick it (or 'none').")
         return True
 
     @classmethod
     def execute(cls, model, clip, vae, audiotoken: LoadedAudioToken, eval_set, name, prompt, placeholder, seed, steps,
                 cfg, sampler_name, scheduler, width, height, n_arbitrary, max_items, clip_vision=None,
                 clip_folder=NONE, wav2clip=NONE, inception=NONE, sheet_rows=8) -> io.NodeOutput:
-        root = mf.path_inside(_eval_root(), eval_set, "Evaluation set")
+        problem = _choice_problem(prompt, placeholder, clip_folder, wav2clip, inception)
+        if problem:
+            raise ValueError(problem)
+        root = mf.listed_path(_eval_root(), eval_set, "Evaluation set")
         items = load_eval_set(root).limit(max_items or None)
         name = os.path.basename(name.strip()) or "eval"
         out_dir = mf.path_inside(os.path.join(folder_paths.get_output_directory(), EVAL_SUBFOLDER), name, "Name")
@@ -159,3 +152,18 @@ class AudioTokenEvaluate(io.ComfyNode):
 
 
 NODES = [AudioTokenEvaluate]
+
+
+def _choice_problem(prompt, placeholder, clip_folder, wav2clip, inception) -> str | None:
+    """Why the prompt or a model choice of the Evaluate node cannot be used, or None."""
+    problem = check_prompt(prompt, placeholder)
+    if problem:
+        return problem
+    if clip_folder != NONE and clip_folder not in _clip_folders():
+        return (f"'{clip_folder}' is not a transformers CLIP folder in models/{EVAL_MODEL_FOLDER} or "
+                f"models/clip_vision; put it there, refresh and pick it (or 'none').")
+    for what, value in (("wav2clip", wav2clip), ("inception", inception)):
+        if value != NONE and value not in _model_files():
+            return (f"{what} '{value}' is not a file in models/{EVAL_MODEL_FOLDER}; put it there, refresh and "
+                    f"pick it (or 'none').")
+    return None

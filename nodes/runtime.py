@@ -13,7 +13,7 @@ import torch
 import comfy.model_management as mm
 import comfy.model_patcher
 
-from ..audiotoken_core.audio import prepare_waveform
+from ..audiotoken_core.audio import prepare_waveform, window_count
 from ..audiotoken_core.embedding import AudioEmbedding
 from ..audiotoken_core.encoders import AudioEncoder
 from ..audiotoken_core.token_file import AudioToken
@@ -70,13 +70,11 @@ class LoadedAudioToken:
 
     def embed_windows(self, audio: dict, *, window_seconds: float, hop_seconds: float, max_windows: int,
                       channel_policy: str) -> tuple[AudioEmbedding, list[float]]:
-        """One row per window (clip-major for a batch of clips) and the window start times.
-
-        Windows of `window_seconds` every `hop_seconds` that fit in the recording; a recording
-        shorter than one window gives one (looped) window, as everywhere else."""
+        """One row per window (clip-major for a batch of clips) and the window start times
+        (audio.window_count: the windows that fit; one looped window for a short recording)."""
         rate = int(audio["sample_rate"])
         seconds = audio["waveform"].shape[-1] / rate
-        count = 1 if seconds <= window_seconds else 1 + int((seconds - window_seconds) // hop_seconds + 1e-9)
+        count = window_count(seconds, window_seconds, hop_seconds)
         if count > max_windows:
             raise ValueError(f"The recording ({seconds:.1f} s) has {count} windows of {window_seconds:g} s every "
                              f"{hop_seconds:g} s, more than max_windows={max_windows}. Raise max_windows or the hop.")

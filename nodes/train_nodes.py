@@ -1,19 +1,22 @@
 """Training in ComfyUI: a dataset node and a training node around audiotoken_core's Trainer."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io
+from safetensors import safe_open
 
 from ..audiotoken_core.data import (AudioImageDataset, PairList, build_train_batches, load_clip_scorer, module_fingerprint,
                                    pairs_from_folder, pairs_from_videos, pairs_from_vggsound_csv)
-from ..audiotoken_core.training.config import TrainConfig
-from ..audiotoken_core.training.trainer import Trainer, latest_checkpoint, new_audiotoken
+from ..audiotoken_core.io import atomic_write
+from ..audiotoken_core.training import TrainConfig, Trainer, latest_checkpoint, new_audiotoken
 from . import model_folders as mf
 from .audiotoken_nodes import AUDIOTOKEN, CATEGORY, DEFAULT_PLACEHOLDER, ENCODER, schema
 from .comfy_backend import ComfyBackend
@@ -95,7 +98,7 @@ class AudioTokenDataset(io.ComfyNode):
     @classmethod
     def execute(cls, folder, kind, csv_name, frame, image_width, image_height, check_files=True,
                 clip_scorer=NO_SCORER) -> io.NodeOutput:
-        root = mf.path_inside(_dataset_root(), folder, "Dataset folder")
+        root = mf.listed_path(_dataset_root(), folder, "Dataset folder")
         scorer = None
         if frame == "best CLIP score":
             if clip_scorer == NO_SCORER:
@@ -103,7 +106,7 @@ class AudioTokenDataset(io.ComfyNode):
                                  "models/clip_vision and pick it, or choose frame 'middle'.")
             scorer = load_clip_scorer(mf.transformers_folder_path(clip_scorer, "clip_vision"))
         frame = "clip" if scorer is not None else frame
-        csv_path = mf.path_inside(root, csv_name.strip(), "CSV file") if csv_name.strip() else None
+        csv_path = mf.listed_path(root, csv_name.strip(), "CSV file") if csv_name.strip() else None
         if kind == "audio + image pairs":
             items = pairs_from_folder(root, labels_csv=csv_path)
         elif kind == "videos":
@@ -135,8 +138,9 @@ class AudioTokenTrain(io.ComfyNode):
             category=CATEGORY,
             description="Trains a new AudioToken (only the Embedder learns; the checkpoint, CLIP, VAE and audio encoder stay "
                         "frozen and unchanged) with the paper's loss: denoising + L1 (+ optional classification loss). "
-                        "Writes models/audiotoken/<name>.safetensors and checkpoints you can resume; Cancel stops cleanly "
-                        "and saves a checkpoint.",
+                        "Writes models/audiotoken/<name>.safetensors when training completes, and checkpoints in "
+                        "models/audiotoken/<name>_checkpoints that the loader lists and that resume continues. Cancel "
+                        "keeps the last completed step as a checkpoint; queue the graph again to continue.",
             search_aliases=["train audiotoken", "audio embedder training"],
             inputs=[
                 io.Model.Input("model", tooltip="MODEL from your checkpoint loader (SD1.x, SD2.x or SDXL)."),
@@ -144,7 +148,11 @@ class AudioTokenTrain(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="VAE from the same checkpoint (encodes the training images)."),
                 ENCODER.Input("audio_encoder", tooltip="The frozen audio encoder (BEATs by default)."),
                 DATASET.Input("dataset", tooltip="From 'AudioToken Training Data'."),
-                io.String.Input("name", default="my_audiotoken", tooltip="File name of the trained AudioToken."),
+                io.String.Input("name", default="my_audiotoken",
+                                tooltip="File name of the trained AudioToken in models/audiotoken. Training again under "
+                                        "the same name replaces the token this node made before (that is how you "
+                                        "update it); a file it did not make (an imported or downloaded token) and a "
+                                        "symlink are never overwritten."),
                 io.Int.Input("steps", default=2000, min=1, max=1_000_000,
                              tooltip="Optimizer steps (the paper trains 30k-60k at batch 8)."),
                 io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1e-2, step=1e-6,
@@ -156,16 +164,20 @@ class AudioTokenTrain(io.ComfyNode):
                                tooltip="Weight of the L1 penalty on the audio vector (paper: 0.01)."),
                 io.Float.Input("lambda_cl", default=0.0, min=0.0, max=10.0, step=0.001,
                                tooltip="Weight of the classification loss against the label's word embedding (paper: 0.01 when on)."),
-                io.Int.Input("save_every", default=500, min=1, max=1_000_000, tooltip="Checkpoint interval in steps."),
+                io.Int.Input("save_every", default=500, min=1, max=1_000_000,
+                             tooltip="Checkpoint interval in steps (Cancel and the end of training also write one)."),
                 io.Boolean.Input("resume", default=True,
-                                 tooltip="Continue from the latest checkpoint of this name when there is one."),
+                                 tooltip="Continue from the latest checkpoint of this name when there is one (after a "
+                                         "Cancel, or with more steps than before). Off: start over; the earlier "
+                                         "checkpoints are kept in <name>_checkpoints_<time>."),
                 io.Combo.Input("precision", options=PRECISIONS, default="fp32",
                                tooltip="fp32 (reference), or bf16/fp16 autocast with fp32 master weights for the Embedder."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute UNet activations in the backward pass: much less memory, about a third slower."),
                 io.Boolean.Input("cache_features", default=True,
-                                 tooltip="Run the audio encoder and the VAE once per file and keep their outputs on disk "
-                                         "(temp/audiotoken_cache), so later epochs and runs skip them."),
+                                 tooltip=f"Run the audio encoder and the VAE once per file and keep their outputs in "
+                                         f"models/{mf.FEATURE_CACHE_FOLDER}/<dataset> (kept across restarts; delete "
+                                         f"the folder to free the space), so later epochs and runs skip them."),
             ],
             outputs=[AUDIOTOKEN.Output(display_name="audiotoken", tooltip="The trained AudioToken, ready for the encode node."),
                      io.Image.Output(display_name="loss_curve", tooltip="Loss per step.")],
@@ -174,12 +186,20 @@ class AudioTokenTrain(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, name=None):
+        if isinstance(name, str):
+            try:
+                _output_paths(name)
+            except ValueError as e:
+                return str(e)
+        return True
+
+    @classmethod
     def execute(cls, model, clip, vae, audio_encoder: LoadedEncoder, dataset: TrainingData, name, steps, learning_rate,
                 batch_size, grad_accum, seed, lambda_l1, lambda_cl, save_every, resume, precision,
                 gradient_checkpointing, cache_features) -> io.NodeOutput:
-        name = os.path.basename(name.strip()) or "my_audiotoken"
-        models_dir = folder_paths.get_folder_paths(mf.AUDIOTOKEN_FOLDER)[0]
-        run_dir = os.path.join(models_dir, f"{name}_checkpoints")
+        final, run_dir = _output_paths(name)
+        name = os.path.basename(final)[: -len(".safetensors")]
         config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, base_lr=learning_rate, seed=seed,
                              lambda_l1=lambda_l1, lambda_cl=lambda_cl, save_every=save_every, precision=precision,
                              name=name, placeholder=DEFAULT_PLACEHOLDER, prompt=f"a photo of {DEFAULT_PLACEHOLDER}")
@@ -187,13 +207,11 @@ class AudioTokenTrain(io.ComfyNode):
         with ComfyBackend(model, clip, vae, gradient_checkpointing=gradient_checkpointing) as backend:
             mm.load_models_gpu([audio_encoder.patcher])
             device = audio_encoder.patcher.load_device
-            cache_dir = os.path.join(folder_paths.get_temp_directory(), "audiotoken_cache", dataset.name) \
-                if cache_features else None
             batches = build_train_batches(
                 dataset.items, batch_size=batch_size, seed=seed, image_size=dataset.image_size,
                 encode_audio=lambda w: encoder(w.to(device)).float().cpu(),
                 encode_images=lambda x: backend.encode_images(x).float().cpu(),
-                cache_dir=cache_dir,
+                cache_dir=feature_cache_dir(dataset.name) if cache_features else None,
                 cache_settings={"encoder": audio_encoder.name, "spec": encoder.spec.to_dict(),
                                 "encoder_weights": module_fingerprint(encoder),
                                 "vae_weights": module_fingerprint(vae.first_stage_model),
@@ -203,29 +221,71 @@ class AudioTokenTrain(io.ComfyNode):
             trainer = Trainer(config, backend, token, encoder, batches, run_dir, device=device)
             if resume and latest_checkpoint(run_dir) is not None:
                 trainer.resume(run_dir)
+            elif not resume:
+                set_aside_earlier_run(run_dir)
             pbar = comfy.utils.ProgressBar(steps)
             unique_id = cls.hidden.unique_id if cls.hidden is not None else None
 
             def progress(step: int, info: dict) -> None:
+                _send_progress(unique_id, step, steps, info)  # first: the step is complete even if Cancel raises next
                 pbar.update_absolute(step, steps)
-                _send_progress(unique_id, step, steps, info)
 
+            # Cancel raises InterruptProcessingException inside a step (from ComfyUI's ops) or in the progress
+            # bar; the trainer then keeps the last completed step as a checkpoint and lets the exception through.
             summary = trainer.run(progress=progress, should_stop=mm.processing_interrupted)
-        final = os.path.join(models_dir, f"{name}.safetensors")
-        source = summary.final or summary.checkpoint
-        if source is not None:
-            shutil.copyfile(source, final)
+        if summary.status != "completed":  # Cancel between two steps: the trainer stopped; show it as interrupted
+            mm.interrupt_current_processing(False)
+            raise mm.InterruptProcessingException()
+        atomic_write(final, lambda tmp: shutil.copyfile(summary.final, tmp))
         losses = [h["loss"] for h in summary.history]
-        image = loss_curve_image(losses, title=f"{name}: {summary.status} at step {summary.step}/{steps}")
+        image = loss_curve_image(losses, title=f"{name}: {summary.step} steps")
         token.eval()
-        return io.NodeOutput(LoadedAudioToken(token=token, encoder=audio_encoder, name=f"{name}.safetensors"), image)
+        return io.NodeOutput(LoadedAudioToken(token=token, encoder=audio_encoder, name=os.path.basename(final)), image)
+
+
+def set_aside_earlier_run(run_dir: str) -> str | None:
+    """A fresh start (resume off) must not mix its checkpoints with an earlier run's, whose later steps a
+    future resume would pick up: the earlier folder is renamed <folder>_<time>, kept, and its new path returned."""
+    if latest_checkpoint(run_dir) is None:
+        return None
+    kept = f"{run_dir}_{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(run_dir, kept)
+    return kept
+
+
+def feature_cache_dir(dataset_name: str) -> str:
+    """Where the encoder outputs of a dataset are cached: <first models/audiotoken_cache folder>/<dataset>."""
+    return os.path.join(folder_paths.get_folder_paths(mf.FEATURE_CACHE_FOLDER)[0], dataset_name)
+
+
+def _output_paths(name: str) -> tuple[str, str]:
+    """(token file, checkpoint folder) for the training node's `name`, under the pack's write policy: the
+    node replaces a token it trained before, never a file it did not make, never through a symlink."""
+    final = mf.output_path(mf.AUDIOTOKEN_FOLDER, name.strip(), ".safetensors", overwrite=True)
+    run_dir = final[: -len(".safetensors")] + "_checkpoints"
+    if os.path.islink(run_dir) or os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"{run_dir} is a symlink or a file; the training node writes its checkpoints only into a "
+                         "folder of its own. Remove it or pick another name.")
+    if os.path.exists(final) and not _trained_token(final):
+        raise ValueError(f"{final} exists and was not made by the training node (an imported or downloaded "
+                         "token?); it is kept. Pick another name, or move that file away first.")
+    return final, run_dir
+
+
+def _trained_token(path: str) -> bool:
+    """Whether `path` is an AudioToken file the trainer wrote (it has the trainer's `training` metadata)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return "step" in json.loads((f.metadata() or {}).get("training") or "{}")
+    except Exception:  # noqa: BLE001 - unreadable or not a token: not one of ours
+        return False
 
 
 def _send_progress(unique_id, step: int, steps: int, info: dict) -> None:
     """Loss points for the frontend's live chart (web/); harmless when no browser listens."""
     try:
         from server import PromptServer
-    except ImportError:
+    except ImportError:  # ComfyUI's modules without its server (scripts)
         return
     if PromptServer.instance is not None:
         PromptServer.instance.send_sync(PROGRESS_EVENT, {"node": unique_id, "step": step, "steps": steps,

@@ -8,7 +8,7 @@ Same generator and runner as the 'Evaluate AudioToken' node (nodes/eval_generato
 AudioToken / SD with the text label (topline) / untrained token (floor), item i drawn with noise
 seed --seed + i by each. Writes OUT/results.json, OUT/results.md, OUT/contact_sheet.png and the
 images (OUT/images/<system>/); a rerun with the same settings resumes, other settings are
-refused (use another --out). ComfyUI is found through COMFYUI_ROOT or the test install.
+refused (use another --out). ComfyUI is the folder given by --comfyui (default: $COMFYUI_ROOT).
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from comfyui_import import add_comfyui_argument, import_comfyui  # scripts/, beside this file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_comfyui_argument(p)
     p.add_argument("--checkpoint", required=True, type=Path, help="SD1.x/SD2.x/SDXL checkpoint (.safetensors)")
     p.add_argument("--encoder", required=True, type=Path,
                    help="the audio encoder the AudioToken was trained with (BEATs checkpoint or transformers folder)")
@@ -63,10 +63,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from tools.comfy_root import import_comfy, import_pack
-
-    import_comfy(cpu=args.cpu or not torch.cuda.is_available())
-    import_pack()
+    import_comfyui(args.comfyui, cpu=args.cpu or not torch.cuda.is_available())
     import comfy.clip_vision
     import comfy.model_management as mm
     import comfy.sd
@@ -75,7 +72,6 @@ def main(argv=None) -> dict:
     from audiotoken.audiotoken_core.evaluation.eval_set import load_eval_set
     from audiotoken.audiotoken_core.evaluation.runner import EvalProtocol
     from audiotoken.audiotoken_core.token_file import load_audiotoken
-    from audiotoken.nodes.audiotoken_nodes import check_encoder_matches
     from audiotoken.nodes.eval_generator import ComfyGenerator, evaluate, load_scorers
     from audiotoken.nodes.runtime import LoadedAudioToken, LoadedEncoder
 
@@ -84,7 +80,7 @@ def main(argv=None) -> dict:
     items = load_eval_set(args.eval_set).limit(args.limit)
     encoder = LoadedEncoder(encoder=load_audio_encoder(args.encoder, layers=layers), name=args.encoder.name)
     token = load_audiotoken(args.audiotoken)
-    check_encoder_matches(token, encoder, args.audiotoken.name)
+    encoder.encoder.spec.check_token(token.encoder, f"AudioToken '{args.audiotoken.name}'")
     loaded = LoadedAudioToken(token=token, encoder=encoder, name=args.audiotoken.name)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint), output_vae=True, output_clip=True)[:3]
     clip_vision = comfy.clip_vision.load(str(args.clip_vision)) if args.clip_vision else None

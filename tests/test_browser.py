@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ VIEWPORT = {"width": 1600, "height": 1000}
 APP = "window.comfyAPI.app.app"
 API = "window.comfyAPI.api.api"
 SEARCH_INPUT = "input[role='combobox'][placeholder*='node' i]"
+NEWER_FRONTEND = "1.58.1"  # scripts/setup_env.sh installs it beside the one ComfyUI pins
 
 
 def _missing(what: str):
@@ -48,6 +50,14 @@ def _frontend_static() -> Path:
     static = Path(list(comfyui_frontend_package.__path__)[0]) / "static"
     if not (static / "index.html").is_file():
         _missing(f"{static} has no index.html")
+    return static
+
+
+def _newer_frontend_static() -> Path:
+    """The newer frontend (Nodes 2.0 as users run it, the Missing Models panel), served with --front-end-root."""
+    static = Path(sys.prefix) / f"comfyui-frontend-{NEWER_FRONTEND}" / "comfyui_frontend_package" / "static"
+    if not (static / "index.html").is_file():
+        _missing(f"{static} is missing (scripts/setup_env.sh installs comfyui-frontend-package=={NEWER_FRONTEND})")
     return static
 
 

@@ -263,31 +263,11 @@ def test_encode_images(sd15, backend):
     with torch.inference_mode():
         want = sd15["vae"].encode(images.movedim(1, -1)) * 0.18215  # SD1.x latent scale
     torch.testing.assert_close(latents, want, atol=1e-5, rtol=1e-5)
-    with pytest.raises(BackendError, match=r"\[0, 1\]"):
-        backend.encode_images(images * 2 - 1)
-    with pytest.raises(BackendError, match=r"\[B, 3, H, W\]"):
-        backend.encode_images(images.movedim(1, -1))
 
 
-def test_clear_errors(sd15, backend):
-    with pytest.raises(PromptError, match="768"):
-        backend.encode_prompt(PROMPT, PH, {"l": torch.zeros(1, 1024)})
+def test_prompt_without_the_placeholder_is_a_clear_error(backend):
     with pytest.raises(PromptError, match="does not contain the placeholder"):
         backend.encode_prompt("a photo", PH, {"l": torch.zeros(1, 768)})
-    cond = [[torch.zeros(1, 77, 768), {}]]
-    with pytest.raises(BackendError, match="0 to 999"):
-        backend.diffusion_loss(torch.zeros(1, 4, 8, 8), cond, torch.tensor([1000]), torch.zeros(1, 4, 8, 8))
-    with pytest.raises(BackendError, match="one timestep per latent"):
-        backend.diffusion_loss(torch.zeros(2, 4, 8, 8), cond, torch.tensor([3]), torch.zeros(2, 4, 8, 8))
-    with torch.inference_mode():
-        no_vae = ComfyBackend(sd15["model"], sd15["clip"])
-    with pytest.raises(BackendError, match="VAE"):
-        no_vae.encode_images(torch.rand(1, 3, 64, 64))
-    no_vae.close()
-    with pytest.raises(BackendError, match="closed"):
-        no_vae.label_targets(["dog"])
-    with pytest.raises(BackendError, match="CLIP"):
-        ComfyBackend(sd15["model"], None)
 
 
 def test_mismatched_model_and_clip(sd15, small):
@@ -331,14 +311,21 @@ def test_lora_and_object_patches_are_used(sd15):
 
 
 def test_close_releases_the_private_copies(sd15):
+    """close() only drops references: the copies are freed at once and ComfyUI's memory manager forgets
+    them by itself (its list keeps the originals, and no dead entries)."""
+    import weakref
+
     with torch.inference_mode():
         b = ComfyBackend(sd15["model"], sd15["clip"])
-    b.encode_prompt(PROMPT, PH, _vectors(b.widths, 1, seed=1))
-    patchers = [b._unet_patcher, b._clip.patcher]
-    assert all(any(m is p for m in mm.loaded_models()) for p in patchers)
+    b.diffusion_loss(torch.randn(1, 4, 8, 8), b.encode_prompt(PROMPT, PH, _vectors(b.widths, 1, seed=1)),
+                     torch.tensor([5]), torch.randn(1, 4, 8, 8))
+    copies = [weakref.ref(m) for m in (b._unet_patcher, b._clip.patcher, b._model, b._clip.cond_stage_model)]
+    assert all(any(m is p() for m in mm.loaded_models()) for p in copies[:2])
+    others = [m for m in mm.loaded_models() if not any(m is p() for p in copies[:2])]
     with b:
         pass
-    assert not any(m is p for m in mm.loaded_models() for p in patchers)
+    assert all(ref() is None for ref in copies)
+    assert [id(m) for m in mm.loaded_models()] == [id(m) for m in others] and None not in mm.loaded_models()
 
 
 def test_zz_originals_unchanged(sd15, backend):

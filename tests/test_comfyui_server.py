@@ -143,10 +143,26 @@ def test_unusual_audio_still_conditions(comfy, audio):
     assert torch.isfinite(cond).all()
 
 
-def test_prompt_without_placeholder_is_a_validation_error(comfy):
-    status, body = comfy.queue(graph(text="a photo of a dog"))
-    assert status == 400
-    assert "placeholder" in str(body["node_errors"]["encode"]).lower()
+def _encode_messages(comfy, g: dict) -> list[str]:
+    """What the user is shown about the encode node: its validation errors, else its execution error."""
+    status, body = comfy.queue(g)
+    if status == 400:
+        return [f"{e['message']}: {e['details']}" for e in body["node_errors"]["encode"]["errors"]]
+    err = execution_error(comfy.wait(body["prompt_id"]))
+    assert err is not None and err["node_id"] == "encode", err
+    return [err["exception_message"]]
+
+
+@pytest.mark.parametrize("text, placeholder, message", [
+    ("a photo of a dog", "<audio>", "does not contain the placeholder '<audio>'"),
+    ("a photo of <my audio>", "<my audio>", "contains spaces"),
+])
+def test_prompt_problem_is_reported_once(comfy, text, placeholder, message):
+    """ComfyUI repeats a failed validate_inputs for every input it reads: the message is shown once."""
+    g = graph(text=text, save="no_placeholder")
+    g["encode"]["inputs"]["placeholder"] = placeholder
+    messages = _encode_messages(comfy, g)
+    assert sum(m.count(message) for m in messages) == 1, messages
 
 
 @pytest.mark.parametrize("kwargs, expected", [
@@ -167,9 +183,37 @@ def test_bad_inputs_give_readable_errors(comfy, kwargs, expected):
 def test_out_of_range_widget_values_are_rejected_before_running(comfy):
     g = graph()
     g["encode"]["inputs"]["window_seconds"] = 0.01
-    g["tok"]["inputs"]["pooling"] = "bogus"
     status, body = comfy.queue(g)
-    assert status == 400 and {"encode", "tok"} <= set(body["node_errors"]), body
+    assert status == 400 and set(body["node_errors"]) == {"encode"}, body
+
+
+def test_a_pooling_mode_that_does_not_exist_is_a_clear_error(comfy):
+    g = graph(save="bogus_pooling")
+    g["tok"]["inputs"]["pooling"] = "bogus"
+    err = execution_error(comfy.run(g))
+    assert err is not None and err["node_id"] == "tok", err
+    assert "pooling 'bogus' is not one of" in err["exception_message"], err
+
+
+@pytest.mark.parametrize("node, inputs, message", [
+    ("AudioTokenLoader", {"audiotoken_name": "absent.safetensors", "pooling": "deterministic"}, "'absent.safetensors' is not among"),
+    ("AudioTokenImportReference", {"reference_file": "absent.bin", "output_name": "..", "overwrite": False}, "is not a plain file name"),
+])
+def test_a_refused_input_is_listed_once(comfy, node, inputs, message):
+    """ComfyUI lists a failed validate_inputs once for every input the check reads: each check reads one."""
+    g = {"enc": {"class_type": "AudioTokenEncoderLoader", "inputs": {"encoder_name": BEATS, "layers": "auto"}},
+         "n": {"class_type": node, "inputs": dict(inputs)}}
+    if node == "AudioTokenLoader":
+        g["n"]["inputs"]["audio_encoder"] = ["enc", 0]
+        g["out"] = {"class_type": "AudioTokenEmbedAudio",
+                    "inputs": {"audio": ["a", 0], "audiotoken": ["n", 0], "start_seconds": 0.0, "window_seconds": 10.0,
+                               "channels": "mix", "loop_short_audio": True}}
+        g["a"] = {"class_type": "LoadAudio", "inputs": {"audio": "dog.mp3"}}
+        g["s"] = {"class_type": "AudioTokenSaveEmbedding", "inputs": {"audio_embedding": ["out", 0], "filename_prefix": "emb/once"}}
+    status, body = comfy.queue(g)
+    assert status == 400 and "n" in body["node_errors"], body
+    details = [e["details"] for e in body["node_errors"]["n"]["errors"]]
+    assert sum(d.count(message) for d in details) == 1, details
 
 
 def test_missing_model_file_is_rejected_before_running(comfy):

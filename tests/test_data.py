@@ -443,41 +443,71 @@ def test_feature_cache_round_trip_and_misses(tmp_path):
     source = tmp_path / "a.bin"
     source.write_bytes(b"first")
     settings = {"encoder": {"kind": "beats", "layers": [4, 8, 12]}, "vae": "sd15"}
-    cache = FeatureCache(tmp_path / "cache", settings, shard_size=2)
+    cache = FeatureCache(tmp_path / "cache", settings)
     keys = [cache.item_key([source], start=s) for s in range(3)]
-    assert len(set(keys)) == 3 and cache.get(keys[0]) is None
+    assert len(set(keys)) == 3 and cache.get(keys[0]) is None and keys[0] not in cache
     tensors = [{"features": torch.randn(4, 6), "n": torch.tensor([s])} for s in range(3)]
     base = torch.randn(3, 4, 6)
-    tensors[2]["features"] = base[2]  # a view into a bigger tensor is stored on its own
+    tensors[2]["features"] = base[2]  # a row of a batch is stored on its own
     for key, t in zip(keys, tensors):
         cache.put(key, t)
-    assert len(cache.shard_files) == 1  # the third item waits for flush
     cache.flush()
-    assert len(cache.shard_files) == 2
-    assert not list(cache.dir.glob(".tmp-*"))  # atomic writes leave no temp files
-    reopened = FeatureCache(tmp_path / "cache", settings, shard_size=2)
+    files = sorted(cache.dir.rglob("*.safetensors"))
+    assert files == sorted(cache.path(k) for k in keys) and all(f.parent.name == f.stem[:2] for f in files)
+    assert not [p for p in cache.dir.rglob("*") if p.is_file() and p.name.startswith(".")]  # no temp files left
+    reopened = FeatureCache(tmp_path / "cache", settings)
     for key, t in zip(keys, tensors):
         got = reopened.get(key)
-        assert set(got) == set(t) and all(torch.equal(got[n], t[n]) for n in t)
-    on_disk = {}
-    for shard in reopened.shard_files:
-        assert shard.suffix == ".safetensors"
-        on_disk.update(load_file(str(shard)))
-    assert torch.equal(on_disk[f"{keys[2]}/features"], base[2])
-    index = json.loads((reopened.dir / "index.json").read_text())
-    assert sum(len(v) for v in index["shards"].values()) == 3
+        assert key in reopened and set(got) == set(t) and all(torch.equal(got[n], t[n]) for n in t)
+    assert torch.equal(load_file(str(reopened.path(keys[2])))["features"], base[2])
+    assert json.loads((tmp_path / "cache" / "file_hashes.json").read_text())[str(source.resolve())][0] == 5
     # changed content -> another key; changed settings -> another folder (miss)
     source.write_bytes(b"second, longer")
     assert reopened.item_key([source], start=0) not in keys
     other = FeatureCache(tmp_path / "cache", {**settings, "vae": "sdxl"})
     assert other.dir != reopened.dir and other.get(keys[0]) is None
-    # a lost index is rebuilt from the shards' own metadata
-    (reopened.dir / "index.json").unlink()
-    assert FeatureCache(tmp_path / "cache", settings).get(keys[1]) is not None
     half = FeatureCache(tmp_path / "cache", settings, store_dtype=torch.float16)
-    half.put("k", {"x": torch.ones(2)})
-    half.flush()
-    assert FeatureCache(tmp_path / "cache", settings).get("k")["x"].dtype == torch.float16
+    half.put("k0", {"x": torch.ones(2)})
+    assert FeatureCache(tmp_path / "cache", settings).get("k0")["x"].dtype == torch.float16
+
+
+def test_feature_cache_rebuilds_truncated_and_corrupt_entries(tmp_path):
+    """A cut or damaged entry file is a miss: deleted, computed again by the next precompute, never fatal."""
+    cache = FeatureCache(tmp_path / "cache", {"encoder": "x"})
+    for key in ("aa1", "bb2", "cc3"):
+        cache.put(key, {"features": torch.full((64, 8), 2.0)})
+    whole = cache.path("aa1").read_bytes()
+    cache.path("aa1").write_bytes(whole[:-10])  # truncated data
+    cache.path("bb2").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")  # damaged header
+    reopened = FeatureCache(tmp_path / "cache", {"encoder": "x"})
+    assert "aa1" not in reopened and not reopened.path("aa1").exists()
+    assert reopened.get("bb2") is None and not reopened.path("bb2").exists()
+    assert "cc3" in reopened and torch.equal(reopened.get("cc3")["features"], torch.full((64, 8), 2.0))
+
+
+def test_cached_features_recompute_a_damaged_entry(tmp_path):
+    root = tmp_path / "pairs"
+    for name, seconds, color in (("one", 6.0, (250, 0, 0)), ("two", 7.0, (0, 250, 0))):
+        write_wav(root / "k" / f"{name}.wav", tone_seconds(seconds, 16000), 16000)
+        write_image(root / "k" / f"{name}.png", color)
+    items = pairs_from_folder(root)
+
+    def build():
+        encoders = CountingEncoders()
+        cached = CachedFeatures(AudioImageDataset(items, image_size=SIZE), encoders.audio, encoders.image,
+                                FeatureCache(tmp_path / "cache", {"encoder": "counting"}), batch_size=4)
+        return encoders, cached
+
+    _, cached = build()
+    assert cached.precompute() == 2 * 5 + 2
+    victim = sorted(cached.cache.dir.rglob("*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])  # e.g. the disk filled up while an older version wrote it
+    encoders, cached = build()
+    assert cached.precompute() == 1 and encoders.audio_calls + encoders.image_calls == 1
+    for epoch in range(3):  # every window start and image of both items reads back
+        cached.set_epoch(epoch)
+        assert [cached[i]["id"] for i in range(len(cached))] == ["k/one", "k/two"]
+    assert len(list(cached.cache.dir.rglob("*.safetensors"))) == 12
 
 
 class CountingEncoders:
@@ -510,7 +540,7 @@ def test_cached_features_skip_the_encoders_on_later_passes(tmp_path, videos):
         encoders = CountingEncoders()
         dataset = AudioImageDataset(items, image_size=SIZE, seed=9)
         cached = CachedFeatures(dataset, encoders.audio, encoders.image,
-                                FeatureCache(tmp_path / "cache", cache_settings, shard_size=4), batch_size=4)
+                                FeatureCache(tmp_path / "cache", cache_settings), batch_size=4)
         return encoders, dataset, cached
 
     encoders, dataset, cached = build()

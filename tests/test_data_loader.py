@@ -1,6 +1,11 @@
 """build_train_batches / TrainBatches: seeded shuffles, rank shards, cached features."""
 from __future__ import annotations
 
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -74,6 +79,55 @@ def test_cache_runs_the_frozen_models_once(items, tmp_path):
     second = build_train_batches(items, **kwargs)
     list(second)
     assert calls == made  # everything came from disk
+
+
+def write_huge_png(path: Path, side: int = 30000) -> None:
+    """A valid 1-bit greyscale PNG of side x side pixels, all black: about 100 kB on disk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (side + 7) // 8)  # filter byte 0, then the packed pixels
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_oversized_image_is_skipped_and_reported(items, tmp_path, cached):
+    """Pillow refuses images over MAX_IMAGE_PIXELS (DecompressionBombError): that pair is skipped, never fatal."""
+    root = tmp_path / "pairs"
+    shutil.copytree(Path(items[0].audio).parent.parent, root)
+    shutil.copy(items[0].audio, root / "high" / "huge.wav")
+    write_huge_png(root / "high" / "huge.png")
+    header = (root / "high" / "huge.png").read_bytes()
+    assert struct.unpack(">II", header[16:24]) == (30000, 30000) and len(header) < 200_000
+    found = pairs_from_folder(root)
+    assert len(found) == 7 and "high/huge" in [item.item_id for item in found]
+
+    from audiotoken_core.data import AudioImageDataset
+
+    dataset = AudioImageDataset(found, image_size=(32, 16))
+    problems = dataset.scan(threads=1)
+    assert [Path(p.file).name for p in problems] == ["huge.png"] and "too large" in problems[0].reason
+    assert sorted(item.item_id for item in dataset.items) == sorted(item.item_id for item in items)
+
+    kwargs = {}
+    if cached:
+        kwargs = dict(encode_audio=lambda w: w.reshape(w.shape[0], 100, -1)[..., :8].clone(),
+                      encode_images=lambda x: x[:, :, ::8, ::8].clone(), cache_dir=tmp_path / "cache",
+                      cache_settings={"encoder": "test"})
+    batches = build_train_batches(found, batch_size=1, image_size=(32, 16), **kwargs)
+    seen, reported = [], []
+    for epoch in range(2):
+        batches.set_epoch(epoch)
+        for batch in batches:
+            seen += batch["id"]
+            reported += batch["problems"]
+    reported += batches.dataset.dataset.problems if cached else batches.dataset.problems
+    assert "high/huge" not in seen and len(seen) == (12 if cached else 14)
+    assert {Path(p.file).name for p in reported} == {"huge.png"}
+    assert all("too large" in p.reason and "downscale" in p.reason for p in reported)
 
 
 def test_module_fingerprint_tells_weights_apart():

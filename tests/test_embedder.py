@@ -61,7 +61,7 @@ def test_state_dict_names_and_shapes_equal_reference():
     assert [(k, tuple(v.shape)) for k, v in sd.items()] == REFERENCE_768
     assert list(REFERENCE_STATE_DICT_NAMES) == [n for n, _ in REFERENCE_768]
     assert reference_state_dict_shapes(2304, 768) == dict(REFERENCE_768)
-    assert state_dict_problems(dict(REFERENCE_768), 2304, 768) == []
+    assert state_dict_problems(dict(REFERENCE_768), reference_state_dict_shapes(2304, 768)) == []
 
 
 def test_state_dict_problems_name_missing_unexpected_and_shapes():
@@ -69,7 +69,7 @@ def test_state_dict_problems_name_missing_unexpected_and_shapes():
     del shapes["fga.pp_models.0.embed_Y.bias"]
     shapes["fga.pp_models.0.margin_X.weight"] = (1, 1, 1)
     shapes["fc2.bias"] = (1024,)
-    text = "; ".join(state_dict_problems(shapes, 2304, 768))
+    text = "; ".join(state_dict_problems(shapes, reference_state_dict_shapes(2304, 768)))
     assert "missing 1 tensor(s): 'fga.pp_models.0.embed_Y.bias'" in text
     assert "unexpected 1 tensor(s): 'fga.pp_models.0.margin_X.weight'" in text
     assert "fc2.bias: expected shape [768], found [1024]" in text
@@ -94,9 +94,13 @@ def test_from_state_dict_infers_sizes():
     assert (rebuilt.input_dim, rebuilt.output_dim) == (F_IN, D_OUT)
     x = torch.randn(2, 5, F_IN)
     assert torch.equal(src.eval()(x), rebuilt.eval()(x))
+    assert not rebuilt.training and rebuilt.fc1.weight.data_ptr() != src.fc1.weight.data_ptr()  # a copy
     bad = dict(src.state_dict())
     bad.pop("fc1.bias")
     with pytest.raises(ValueError, match="missing 1 tensor"):
+        Embedder.from_state_dict(bad)
+    bad.pop("fc2.weight")
+    with pytest.raises(ValueError, match=r"fc1.weight and fc2.weight must be matrices, found shapes \[12, 12\] and \[\]"):
         Embedder.from_state_dict(bad)
 
 
@@ -238,20 +242,6 @@ def test_padding_mask_anywhere_equals_selected_frames():
     mask = torch.tensor([[True, False, False, True, False, True, False, True]])
     torch.testing.assert_close(model(feats, padding_mask=mask), model(feats[:, ~mask[0]]))
     assert torch.equal(model(feats, padding_mask=torch.zeros(1, 8, dtype=torch.bool)), model(feats))
-
-
-def test_bad_inputs_raise():
-    model = small(10).eval()
-    with pytest.raises(ValueError, match="every frame"):
-        model(torch.randn(2, 3, F_IN), padding_mask=torch.tensor([[False, True, True], [True] * 3]))
-    with pytest.raises(ValueError, match="padding_mask must have shape"):
-        model(torch.randn(2, 3, F_IN), padding_mask=torch.zeros(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="feature width 12"):
-        model(torch.randn(2, 3, 5))
-    with pytest.raises(ValueError, match=r"\[B, N, 12\]"):
-        model(torch.randn(3, F_IN))
-    with pytest.raises(ValueError, match="length 0"):
-        model(torch.randn(1, 0, F_IN))
 
 
 # ----------------------------------------------------------------------------- numerics

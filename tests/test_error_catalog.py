@@ -51,4 +51,4 @@ def test_render_escapes_table_cells_and_replaces_only_the_generated_part():
 def test_the_troubleshooting_document_is_up_to_date():
     current = ec.DOCUMENT.read_text(encoding="utf-8")
     assert current == ec.updated_document(current, ec.collect()), "run: python -m tools.error_catalog"
-    assert current.count("\n| ") > 300  # the pack has hundreds of checks; a broken collector would find few
+    assert current.count("\n| ") > 200  # the pack has hundreds of checks; a broken collector would find few

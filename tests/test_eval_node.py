@@ -19,6 +19,7 @@ from PIL import Image
 
 from comfy_fixtures import BEATS, CKPT, TOKEN_SD15, write_eval_set
 from tiny_clip import write_tiny_clip_folder
+from tools.comfy_root import find_comfyui_root
 from tools.comfy_server import execution_error
 
 pytestmark = pytest.mark.comfyui
@@ -109,6 +110,56 @@ def test_evaluate_node_writes_the_table_images_and_sheet(comfy, eval_models):
     assert {p: p.stat().st_mtime_ns for p in images} == before
 
 
+def write_lora(path) -> None:
+    """A rank-4 LoRA in ComfyUI's key formats for the placeholder SD1.5: one UNet cross-attention
+    projection ([320, 768]) and CLIP-L's first MLP layer ([3072, 768])."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(11)
+    shapes = {"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k": (320, 768),
+              "lora_te_text_model_encoder_layers_0_mlp_fc1": (3072, 768)}
+    tensors = {}
+    for key, (out, inp) in shapes.items():
+        tensors[f"{key}.lora_up.weight"] = torch.randn(out, 4, generator=generator) * 0.1
+        tensors[f"{key}.lora_down.weight"] = torch.randn(4, inp, generator=generator) * 0.1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+
+
+def test_evaluate_resume_follows_the_lora_and_its_strengths(comfy, eval_models):
+    """A rerun resumes only when MODEL and CLIP carry the same patches: another LoRA strength for the
+    model or for CLIP is refused (its images would differ), an unchanged one reuses every image."""
+    write_lora(comfy.base / "models" / "loras" / "eval_test_lora.safetensors")
+
+    def with_lora(strength_model: float, strength_clip: float, sheet_rows: int = 2) -> dict:
+        g = eval_graph("lora_run", models=False)
+        g["lora"] = {"class_type": "LoraLoader",
+                     "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": "eval_test_lora.safetensors",
+                                "strength_model": strength_model, "strength_clip": strength_clip}}
+        g["eval"]["inputs"].update(model=["lora", 0], clip=["lora", 1], max_items=1, sheet_rows=sheet_rows)
+        return g
+
+    out = comfy.base / "output" / "audiotoken_eval" / "lora_run"
+    entry = comfy.run(with_lora(1.0, 1.0), timeout=600)
+    assert execution_error(entry) is None, execution_error(entry)
+    images = sorted((out / "images").rglob("*.png"))
+    assert len(images) == 3 and json.loads((out / "results.json").read_text())["timings"]["images_generated"] == 3
+    before = {p: p.stat().st_mtime_ns for p in images}
+
+    # the same settings (only the contact sheet differs, so ComfyUI runs the node again): every image is reused
+    entry = comfy.run(with_lora(1.0, 1.0, sheet_rows=1), timeout=600)
+    assert execution_error(entry) is None, execution_error(entry)
+    assert json.loads((out / "results.json").read_text())["timings"]["images_generated"] == 0
+
+    for strengths, changed, same in (((0.5, 1.0), "model_patches", "clip_patches"),
+                                     ((1.0, 0.5), "clip_patches", "model_patches")):
+        entry = comfy.run(with_lora(*strengths), timeout=600)
+        err = execution_error(entry)
+        assert err is not None and "other settings" in err["exception_message"], (strengths, err)
+        assert changed in err["exception_message"] and same not in err["exception_message"], err["exception_message"]
+    assert {p: p.stat().st_mtime_ns for p in sorted((out / "images").rglob("*.png"))} == before
+
+
 def test_evaluate_node_without_metric_models_reports_na(comfy, eval_models):
     entry = comfy.run(eval_graph("no_models", models=False), timeout=900)
     err = execution_error(entry)
@@ -135,7 +186,7 @@ def test_evaluate_node_validation(comfy, eval_models):
 def test_evaluate_command_on_the_same_models(comfy, eval_models, tmp_path):
     models = comfy.base / "models"
     out = tmp_path / "cmd"
-    cmd = [sys.executable, "scripts/evaluate_audiotoken.py", "--checkpoint", str(models / "checkpoints" / CKPT),
+    cmd = [sys.executable, "scripts/evaluate_audiotoken.py", "--comfyui", str(find_comfyui_root()), "--checkpoint", str(models / "checkpoints" / CKPT),
            "--encoder", str(models / "audio_encoders" / BEATS), "--audiotoken", str(models / "audiotoken" / TOKEN_SD15),
            "--eval-set", str(comfy.base / "input" / "audiotoken_eval" / SET), "--out", str(out), "--steps", "2",
            "--size", "64x64", "--seed", "3", "--limit", "3", "--clip-folder", str(eval_models / "tiny-clip-vit-b32"),
@@ -171,3 +222,31 @@ def test_clip_vision_embedder_uses_normalised_image_embeds():
 
     emb = clip_vision_embedder(FakeClipVision())(torch.rand(2, 8, 8, 3))
     assert emb.shape == (2, 3) and torch.allclose(emb.norm(dim=-1), torch.ones(2))
+
+
+def test_patches_digest_keys_on_the_patch_weights_and_strengths():
+    """What the resume check hashes of a MODEL / CLIP patcher: LoRA patches loaded by ComfyUI's own code."""
+    from tools.comfy_root import import_pack
+
+    import_pack()
+    import comfy.lora
+    import comfy.model_patcher
+
+    from audiotoken.nodes.eval_generator import patches_digest
+
+    torch.manual_seed(0)
+    base = comfy.model_patcher.ModelPatcher(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)),
+                                            torch.device("cpu"), torch.device("cpu"))
+    up, down = torch.randn(8, 2), torch.randn(2, 8)
+
+    def with_lora(strength: float, scale: float = 1.0):
+        patcher = base.clone()
+        loaded = comfy.lora.load_lora({"0.lora_up.weight": up * scale, "0.lora_down.weight": down}, {"0": "0.weight"})
+        assert patcher.add_patches(loaded, strength) == ["0.weight"]
+        return patcher
+
+    assert patches_digest(with_lora(1.0)) == patches_digest(with_lora(1.0))  # loaded twice: same digest
+    digests = {patches_digest(base), patches_digest(with_lora(1.0)), patches_digest(with_lora(0.5)),
+               patches_digest(with_lora(1.0, scale=2.0))}
+    assert len(digests) == 4  # no patch, two strengths, other LoRA weights under the same key: all differ
+    assert patches_digest(None) == "none"

@@ -1,4 +1,4 @@
-"""The evaluation runner (issue 5): protocol, resuming, results files, contact sheets, eval sets.
+"""The evaluation runner: protocol, resuming, results files, contact sheets, eval sets.
 
 A fake generator draws known pictures and fake scorers read them back, so every metric has
 a value computable by hand:

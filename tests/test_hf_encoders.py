@@ -14,6 +14,7 @@ import torch
 
 from audiotoken_core.encoders import AudioEncoder, AudioEncoderFileError, EncoderSpec, load_audio_encoder
 from audiotoken_core.hf_encoders import AST_DEFAULT_MEAN, AST_DEFAULT_STD, HFAudioEncoder, ast_features, zero_mean_unit_var
+from audiotoken_core.io import UnsafeFileError
 
 from transformers import (  # noqa: E402
     ASTConfig,
@@ -168,9 +169,13 @@ def test_bin_weights_load_weights_only_and_objects_are_refused(tmp_path):
         torch.testing.assert_close(encoder(wave), torch.cat([hidden[1], hidden[2]], -1), rtol=0, atol=1e-5)
     marker = tmp_path / "marker.txt"
     torch.save({**model.state_dict(), "evil": _Payload(marker)}, folder / "pytorch_model.bin")
-    with pytest.raises(AudioEncoderFileError, match="weights-only"):
+    with pytest.raises(UnsafeFileError, match=r"pytorch_model.bin was refused because it contains code \(.*_touch") as info:
         load_audio_encoder(folder)
+    assert "weights_only=False" not in str(info.value)
     assert not marker.exists()
+    torch.save(torch.zeros(3), folder / "pytorch_model.bin")  # a pickle, but not a state dict
+    with pytest.raises(AudioEncoderFileError, match="bin: the weights could not be loaded"):
+        load_audio_encoder(folder)
 
 
 def _touch(path):
@@ -212,6 +217,9 @@ def test_folder_errors(tmp_path, w2v_folder):
     rate = _save(Wav2Vec2Model(Wav2Vec2Config(num_hidden_layers=2, **TINY, **CONV)), tmp_path / "rate",
                  Wav2Vec2FeatureExtractor(sampling_rate=8000))
     with pytest.raises(AudioEncoderFileError, match="sampling_rate=8000"):
+        load_audio_encoder(rate)
+    (rate / "preprocessor_config.json").write_text("[16000]")
+    with pytest.raises(AudioEncoderFileError, match="preprocessor_config.json is not a readable JSON object"):
         load_audio_encoder(rate)
 
 

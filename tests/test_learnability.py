@@ -1,4 +1,4 @@
-"""Proof that AudioToken learns (issue 3, point 5), and that the evaluation sees it (issue 5, point 3),
+"""Proof that AudioToken learns, and that the evaluation sees it,
 in the synthetic paired world of tools/learn_world.py.
 
 K = 4 sound classes (hum, beeps, noise bursts, chirps) are paired with K image classes that

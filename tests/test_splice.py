@@ -310,11 +310,49 @@ def test_batch_rows_equal_single_items(clips, family):
     assert not torch.allclose(cond[0], cond[1], atol=1e-3)
 
 
-def test_batch_sizes_must_agree(clips):
-    vectors = random_vectors("sdxl", batch=2)
-    vectors["l"] = vectors["l"][:1]
-    with pytest.raises(PromptError, match="different batch sizes"):
-        splice.encode_with_vectors(clips["sdxl"], f"a {PH}", PH, vectors, "test")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("text, rows_per_pass", [
+    (f"a ({PH}:1.1) in a cave", 2),  # weighted: ComfyUI adds its empty-prompt row to the pass
+    (" ".join(["red"] * 80) + f" {PH} at night", 64),  # two chunks per row
+])
+def test_batch_is_encoded_in_few_passes_equal_to_row_by_row(clips, family, text, rows_per_pass, monkeypatch):
+    """Long audio gives hundreds of rows: they share text-encoder passes, with the results of
+    encoding each row on its own (ComfyUI's plain encode of the spliced tokens)."""
+    clip = clips[family]
+    vectors = random_vectors(family, batch=5, seed=11)
+    rows = [{k: v[b] for k, v in vectors.items()} for b in range(5)]
+    want = [clip.encode_from_tokens_scheduled(splice.splice_tokens(clip, text, PH, row)) for row in rows]
+    monkeypatch.setattr(splice, "ROWS_PER_PASS", rows_per_pass)
+    passes = {key: 0 for key in FAMILIES[family][1]}
+    hooks = [getattr(clip.cond_stage_model, f"clip_{key}").register_forward_hook(
+        lambda *_, key=key: passes.__setitem__(key, passes[key] + 1)) for key in passes]
+    try:
+        cond, pooled = cond_and_pooled(splice.encode_with_vectors(clip, text, PH, vectors, "test"))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert passes == {key: -(-5 // rows_per_pass) for key in passes}
+    assert cond.shape[0] == 5 and pooled.shape[0] == 5
+    for b, item in enumerate(want):
+        c, p = cond_and_pooled(item)
+        torch.testing.assert_close(cond[b:b + 1], c, atol=1e-6, rtol=0)
+        torch.testing.assert_close(pooled[b:b + 1], p, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_prompt_is_tokenized_once_per_encode(family, monkeypatch):
+    clip = build_clip(family)
+    calls = []
+    tokenize = clip.tokenize
+    monkeypatch.setattr(clip, "tokenize", lambda text, **kw: calls.append(text) or tokenize(text, **kw))
+    vectors = random_vectors(family, batch=3)
+    splice.encode_with_vectors(clip, f"a photo of {PH}, loud", PH, vectors, "test")
+    assert len(calls) <= 2, calls  # the first encode with a tokenizer also looks up its stand-in word
+    calls.clear()
+    for text in (f"a photo of {PH}, loud", f"sks {PH} in the rain"):
+        splice.encode_with_vectors(clip, text, PH, vectors, "test")
+        assert len(calls) == 1, calls
+        calls.clear()
 
 
 # -- 4. errors ----------------------------------------------------------------------------
@@ -326,12 +364,21 @@ def test_error_missing_placeholder(clips):
     assert PH in msg and "does not contain" in msg and f"a photo of {PH}" in msg
 
 
-def test_error_sd1_token_on_sd2_clip(clips):
+@pytest.mark.parametrize("clip_family, token_family, expected", [
+    ("sd2", "sd1", ["l=64] (made for SD1.x)", "SD2.x CLIP needs [h=80]", "Use an AudioToken trained for SD2.x"]),
+    ("sdxl", "sd1", ["SDXL CLIP needs [g=96, l=64]", "Use an AudioToken trained for SDXL, or connect the CLIP of an "
+                     "SD1.x checkpoint"]),
+    # an SDXL token's `l` half was made for SDXL's UNet: refused, not used alone
+    ("sd1", "sdxl", ["[g=96, l=64] (made for SDXL)", "SD1.x CLIP needs [l=64]",
+                     "Use an AudioToken trained for SD1.x, or connect the CLIP of an SDXL checkpoint"]),
+])
+def test_error_token_for_another_family(clips, clip_family, token_family, expected):
     with pytest.raises(PromptError) as err:
-        splice.encode_with_vectors(clips["sd2"], f"a {PH}", PH, random_vectors("sd1"), "My token")
+        splice.encode_with_vectors(clips[clip_family], f"a {PH}", PH, random_vectors(token_family), "My token")
     msg = str(err.value)
-    assert "My token" in msg and "l=64" in msg and "h=80" in msg and "SD2.x" in msg
-    assert "Use an AudioToken trained for SD2.x" in msg
+    assert msg.startswith("My token has vectors for text encoders")
+    for part in expected:
+        assert part in msg, (part, msg)
 
 
 def test_error_right_key_wrong_width(clips):
@@ -341,13 +388,6 @@ def test_error_right_key_wrong_width(clips):
     msg = str(err.value)
     assert "64-wide" in msg and "'h'" in msg and "80 dimensions" in msg
     assert "Use an AudioToken trained for SD2.x" in msg
-
-
-def test_error_sdxl_clip_with_only_l(clips):
-    with pytest.raises(PromptError) as err:
-        splice.encode_with_vectors(clips["sdxl"], f"a {PH}", PH, random_vectors("sd1"), "My token")
-    msg = str(err.value)
-    assert "SDXL" in msg and "g=96" in msg and "l=64" in msg and "Use an AudioToken trained for SDXL" in msg
 
 
 @pytest.mark.parametrize("placeholder, fix", [("<my audio>", "use one word"), ("", "set it to a word"),
@@ -361,6 +401,31 @@ def test_error_bad_placeholder(clips, placeholder, fix):
 
 def test_check_prompt_accepts_good_prompt():
     assert splice.check_prompt(f"a photo of {PH}", PH) is None
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("placeholder, text, reference", [
+    ("dog", "a hotdog next to a dog", f"a hotdog next to a {TI_WORD}"),
+    ("dog", "dogs, (dog:1.2) and dog. no underdog", f"dogs, ({TI_WORD}:1.2) and {TI_WORD}. no underdog"),
+    (PH, f"a ({PH}:1.3), {PH}, not audio", f"a ({TI_WORD}:1.3), {TI_WORD}, not audio"),
+])
+def test_placeholder_is_matched_as_a_word_only(clips, ref_clips, family, placeholder, text, reference):
+    """A placeholder inside another word ("dog" in "hotdog") is that word, not the sound."""
+    vectors = random_vectors(family)
+    one = {k: v[0] for k, v in vectors.items()}
+    got = splice.encode_with_vectors(clips[family], text, placeholder, vectors, "test")
+    want = reference_encode(ref_clips[family], reference.replace(TI_WORD, PH), one)
+    assert_same_conditioning(got, want)
+    tokens = splice.splice_tokens(clips[family], text, placeholder, one)
+    for key in FAMILIES[family][1]:
+        assert len(vector_entries(tokens, key)) == reference.count(TI_WORD)
+
+
+def test_placeholder_only_inside_other_words_is_missing(clips):
+    msg = splice.check_prompt("a hotdog with dogs", "dog")
+    assert "does not contain the placeholder 'dog' as a word of its own" in msg
+    with pytest.raises(PromptError, match="as a word of its own"):
+        splice.encode_with_vectors(clips["sd1"], "a hotdog with dogs", "dog", random_vectors("sd1"), "t")
 
 
 def test_unsupported_family_message():

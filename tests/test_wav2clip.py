@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
 from audiotoken_core.evaluation import SAMPLE_RATE, Wav2CLIP, Wav2CLIPCheckpointError, Wav2CLIPConfig, load_wav2clip
+from audiotoken_core.io import UnsafeFileError
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class _NotATensor:
@@ -90,8 +95,9 @@ def test_other_checkpoint_layouts(tmp_path):
         torch.save(obj, tmp_path / name)
         with torch.no_grad():
             assert torch.allclose(load_wav2clip(tmp_path / name)(wave), expected, atol=1e-5, rtol=1e-4), name
-    from audiotoken_core.evaluation.wav2clip import _main
-    assert _main([str(tmp_path / "lightning.ckpt"), str(tmp_path / "w.safetensors")]) == 0
+    converted = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_wav2clip.py"), str(tmp_path / "lightning.ckpt"),
+                                str(tmp_path / "w.safetensors")], capture_output=True, text=True)
+    assert converted.returncode == 0, converted.stderr
     with torch.no_grad():
         assert torch.allclose(load_wav2clip(tmp_path / "w.safetensors")(wave), expected, atol=1e-5, rtol=1e-4)
 
@@ -113,21 +119,16 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(Wav2CLIPCheckpointError, match="wrong shapes.*conv1"):
         load_wav2clip(tmp_path / "shape.pt")
     torch.save({"x": _NotATensor()}, tmp_path / "pickle.pt")
-    with pytest.raises(Wav2CLIPCheckpointError, match="weights-only"):
+    with pytest.raises(UnsafeFileError, match="pickle.pt was refused because it contains code") as refused:
         load_wav2clip(tmp_path / "pickle.pt")
+    assert "weights_only" not in str(refused.value)
     with pytest.raises(FileNotFoundError, match="lyrebird-wav2clip"):
         load_wav2clip(tmp_path / "missing.pt")
 
 
-def test_input_checks_and_batch_independence():
+def test_batch_independence():
     torch.manual_seed(0)
     model = Wav2CLIP(Wav2CLIPConfig()).eval()
-    with pytest.raises(ValueError, match="mono"):
-        model(torch.zeros(1, 2, 16000))
-    with pytest.raises(ValueError, match="at least 257"):
-        model(torch.zeros(1, 100))
-    with pytest.raises(ValueError, match="NaN"):
-        model(torch.full((1, 1000), float("nan")))
     waves = _audio(2, 1.0, seed=5)
     with torch.no_grad():
         both = model(waves)

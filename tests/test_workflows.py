@@ -7,9 +7,14 @@ overrides for the files this machine has and for tiny sizes (64 x 64, 2 sampler 
 training steps). Every workflow must make an image; the import workflow is run the way its
 note tells a user to (queue, refresh, queue again); the evaluation workflow runs on a small tone set
 without metric models (every metric n/a).
+
+In the browser (marker browser), in the frontend ComfyUI pins and in a newer one: each workflow loads unchanged,
+no two nodes overlap on the canvas or in the Nodes 2.0 (Vue) rendering, and the Missing Models panel names the
+folder of every model file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from audio_files import write_tone
 from audiotoken_core.token_file import load_audiotoken
 from comfy_fixtures import (BEATS, CKPT, REFERENCE_BIN, TOKEN_SD15, sdxl_and_base_models,  # noqa: F401 (fixture)
                             write_eval_set)
+from test_browser import NEWER_FRONTEND, browser  # noqa: F401 (fixture: one Chromium for both frontends)
 from tools.comfy_server import execution_error
 from tools.workflow_api import convert, format_problems
 
@@ -79,6 +85,35 @@ def test_every_example_workflow_is_there_with_note_thumbnail_and_frontend_format
         assert any(n["type"] == "MarkdownNote" for n in workflow["nodes"]), f"{name} has no note"
         assert (WORKFLOWS / f"{name}.jpg").is_file(), f"{name} has no thumbnail (python -m tools.workflow_thumbnail)"
         assert not format_problems(workflow), f"{name}: {format_problems(workflow)}"
+
+
+def test_format_check_wants_a_models_entry_with_folder_and_url_for_every_model_file():
+    workflow = _load(IMPORT)
+    loader = next(n for n in workflow["nodes"] if n["type"] == "AudioTokenLoader")
+    entry = loader["properties"]["models"]
+    assert entry == [{"name": loader["widgets_values"][0], "url": entry[0]["url"], "directory": "audiotoken"}]
+    del loader["properties"]["models"]
+    assert format_problems(workflow) == [
+        f"node {loader['id']} (AudioTokenLoader): model file '{loader['widgets_values'][0]}' has no properties.models "
+        "entry {name, url, directory}: the Missing Models panel would show its folder as Unknown"]
+    loader["properties"]["models"] = [{"name": loader["widgets_values"][0], "url": "https://example.org/a"}]
+    assert len(problems := format_problems(workflow)) == 1 and "lacks ['directory']" in problems[0], problems
+    loader["properties"]["models"][0].update(directory="audiotoken", url="models/a.safetensors")
+    assert len(problems := format_problems(workflow)) == 1 and "not an https:// address" in problems[0], problems
+
+
+def test_format_check_wants_room_between_nodes():
+    workflow = _load(SD15_SIMPLE[0])
+    a, b = (next(n for n in workflow["nodes"] if n["type"] == t) for t in ("CheckpointLoaderSimple", "LoadAudio"))
+    assert not format_problems(workflow)
+    gap = (b["pos"][1] - 30) - (a["pos"][1] + a["size"][1])
+    a["size"][1] += gap - 19  # 19 px apart, title bar included
+    assert format_problems(workflow) == [f"nodes {a['id']} and {b['id']} overlap or are closer than 20 px"]
+
+    workflow = _load(TRAIN)
+    group = workflow["groups"][0]
+    group["bounding"][3] = 1000  # node 4 (the dataset report) ends at 1080
+    assert format_problems(workflow) == [f"node 4 sticks out of group {group['title']!r}"]
 
 
 @pytest.mark.parametrize("name", SD15_SIMPLE)
@@ -147,7 +182,7 @@ def test_training_workflow_trains_and_the_new_token_draws(comfy, workflow_datase
     report = entry["outputs"][by_type["PreviewAny"]]["text"][0]
     assert report.startswith(f"4 pairs in '{workflow_dataset}'"), report
     token = load_audiotoken(comfy.base / "models" / "audiotoken" / "workflow_trained.safetensors")
-    assert token.widths == {"l": 768} and token.training["step"] == 2
+    assert token.widths == {"l": 768} and token.training_info["step"] == 2
     images = _images(comfy, entry)
     assert len(images) == 2  # the loss curve and the image drawn with the new token
     sizes = sorted(Image.open(p).size for p in images)
@@ -161,7 +196,7 @@ def test_import_workflow_imports_then_draws_after_a_refresh(comfy, sdxl_and_base
     workflow = _load(IMPORT)
     written = next(n for n in workflow["nodes"] if n["type"] == "AudioTokenLoader")["widgets_values"][0]
     importer = next(n for n in workflow["nodes"] if n["type"] == "AudioTokenImportReference")
-    assert importer["widgets_values"] == [REFERENCE_BIN, written.removesuffix(".safetensors")]
+    assert importer["widgets_values"] == [REFERENCE_BIN, written.removesuffix(".safetensors"), False]  # no overwrite
     target = comfy.base / "models" / "audiotoken" / written
     assert not target.exists()
 
@@ -217,31 +252,32 @@ def test_evaluation_workflow_makes_the_table_and_the_contact_sheet(comfy, workfl
         assert sheet.size[0] > 5 * 64 and sheet.size[1] > 4 * 64  # 5 columns, 4 items
 
 
-# --- the real frontend (comfyui-frontend-package, 1.32.9 with ComfyUI 0.3.75) --------------------------------
+# --- the real frontend: the one ComfyUI 0.3.75 pins (1.32.9) and a newer one (test_browser.NEWER_FRONTEND) -------
 
 
-@pytest.fixture(scope="module")
-def frontend_page(tmp_path_factory, cc0_recordings):
-    """A ComfyUI serving the frontend, with files of the names the workflows pick (nothing is run)."""
+def _model_entries(workflow: dict) -> dict[str, dict]:
+    """File name -> the node's properties.models entry ({name, url, directory}) for every model file it names."""
+    return {e["name"]: e for n in workflow["nodes"] for e in n.get("properties", {}).get("models", [])}
+
+
+@contextlib.contextmanager
+def _frontend_session(browser, base: Path, static: Path, cc0_recordings, model_files: bool):
+    """A ComfyUI serving `static`, with the datasets, eval sets and audio the workflows pick (nothing is run), and,
+    if `model_files`, an empty file for every model entry, in the folder the entry names."""
     import shutil
 
-    from test_browser import CHROMIUM, CHROMIUM_ARGS, Page, _frontend_static, _missing
+    from test_browser import Page
     from tools.comfy_server import ComfyServer
 
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("playwright is not installed (pip install -r requirements-test.txt)")
-    if not Path(CHROMIUM).is_file():
-        _missing(f"{CHROMIUM} is missing (apt-get install chromium)")
-    server = ComfyServer(tmp_path_factory.mktemp("comfy_workflow_ui"), front_end_root=_frontend_static(), test_nodes=False)
+    server = ComfyServer(base, front_end_root=static, test_nodes=False)
     try:
         for name in ALL:
-            for node in _load(name)["nodes"]:
-                folder = {"CheckpointLoaderSimple": "models/checkpoints", "AudioTokenEncoderLoader": "models/audio_encoders",
-                          "AudioTokenLoader": "models/audiotoken", "AudioTokenImportReference": "models/audiotoken"}
-                if node["type"] in folder:
-                    (server.base / folder[node["type"]] / node["widgets_values"][0]).touch()
+            workflow = _load(name)
+            if model_files:
+                for entry in _model_entries(workflow).values():
+                    (server.base / "models" / entry["directory"]).mkdir(parents=True, exist_ok=True)
+                    (server.base / "models" / entry["directory"] / entry["name"]).touch()
+            for node in workflow["nodes"]:
                 if node["type"] == "AudioTokenDataset":
                     (server.base / "input" / "audiotoken_datasets" / node["widgets_values"][0]).mkdir(parents=True, exist_ok=True)
                 if node["type"] == "AudioTokenEvaluate":
@@ -250,24 +286,143 @@ def frontend_page(tmp_path_factory, cc0_recordings):
                     shutil.copy(next(p for p in cc0_recordings if p.name == node["widgets_values"][0]),
                                 server.base / "input" / node["widgets_values"][0])
         server.wait_ready()
-        server.request("POST", "/settings/Comfy.TutorialCompleted", True)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            page = Page(browser, server)
-            try:
-                yield page
-            finally:
-                page.close()
-                browser.close()
+        for key, value in {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}.items():
+            server.request("POST", f"/settings/{key}", value)
+        page = Page(browser, server)
+        try:
+            yield page
+        finally:
+            page.close()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def frontend_page(browser, tmp_path_factory, cc0_recordings):
+    """The frontend ComfyUI pins, every model file of the workflows present."""
+    from test_browser import _frontend_static
+
+    with _frontend_session(browser, tmp_path_factory.mktemp("comfy_workflow_ui"), _frontend_static(), cc0_recordings,
+                           model_files=True) as page:
+        yield page
+
+
+@pytest.fixture(scope="module")
+def newer_frontend_page(browser, tmp_path_factory, cc0_recordings):
+    """The newer frontend, no model file present: each one is listed as missing."""
+    from test_browser import _newer_frontend_static
+
+    with _frontend_session(browser, tmp_path_factory.mktemp("comfy_workflow_ui_newer"), _newer_frontend_static(),
+                           cc0_recordings, model_files=False) as page:
+        yield page
+
+
+def _overlaps(boxes: dict[str, list[float]]) -> list[str]:
+    ids = sorted(boxes, key=int)
+    found = []
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = boxes[a], boxes[b]
+            dx, dy = min(ax + aw, bx + bw) - max(ax, bx), min(ay + ah, by + bh) - max(ay, by)
+            if dx > 0 and dy > 0:
+                found.append(f"nodes {a} and {b} overlap by {dx:.0f} x {dy:.0f} px")
+    return found
+
+
+def _canvas_boxes(page) -> dict[str, list[float]]:
+    """The loaded graph's node rectangles as the canvas (LiteGraph) draws them, title bars included."""
+    from test_browser import APP
+
+    return page.js(f"() => Object.fromEntries({APP}.graph._nodes.map(n => [String(n.id), [...n.getBounding()]]))")
+
+
+def _vue_boxes(page, workflow: dict) -> dict[str, list[float]]:
+    """Load the workflow in Nodes 2.0 (Vue) and return each node's DOM box in graph units: Vue nodes grow to their
+    content, so most are taller than on the canvas."""
+    from test_browser import APP
+
+    # No level-of-detail drawing (below ~0.6 zoom): show the graph at 0.8 in a window large enough for all of it.
+    page.js(f"""async (wf) => {{ await {APP}.loadGraphData(wf);
+        const ds = {APP}.canvas.ds; ds.scale = 0.8; ds.offset[0] = 40; ds.offset[1] = 80;
+        {APP}.canvas.setDirty(true, true); }}""",
+            workflow)
+    page.page.wait_for_function(f"(n) => document.querySelectorAll('[data-node-id]').length === n",
+                                arg=len(workflow["nodes"]), timeout=20_000)
+    # our audio previews are drawn (a decoded recording makes them taller), then the widgets settle
+    page.page.wait_for_function(f"""() => {APP}.graph._nodes.filter(n => n.audiotokenPreview)
+        .every(n => n.audiotokenPreview.state?.mono && !n.audiotokenPreview.frame)""", timeout=30_000)
+    page.page.wait_for_timeout(300)
+    return page.js(f"""() => {{ const ds = {APP}.canvas.ds; const c = {APP}.canvas.canvas.getBoundingClientRect();
+        return Object.fromEntries([...document.querySelectorAll('[data-node-id]')].map(e => {{
+            const r = e.getBoundingClientRect();
+            return [e.dataset.nodeId, [(r.x - c.x) / ds.scale - ds.offset[0], (r.y - c.y) / ds.scale - ds.offset[1],
+                                       r.width / ds.scale, r.height / ds.scale]]; }})); }}""")
+
+
+def _assert_no_overlaps_in_nodes_2(page):
+    from test_browser import APP, VIEWPORT
+
+    found = []
+    page.page.set_viewport_size({"width": 2600, "height": 1700})
+    page.js(f"async () => {{ await {APP}.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }}")
+    try:
+        for name in ALL:
+            workflow = _load(name)
+            boxes = _vue_boxes(page, workflow)
+            assert sorted(boxes, key=int) == sorted((str(n["id"]) for n in workflow["nodes"]), key=int), name
+            found += [f"{name} (Nodes 2.0): {o}" for o in _overlaps(boxes)]
+    finally:
+        page.js(f"async () => {{ await {APP}.extensionManager.setting.set('Comfy.VueNodes.Enabled', false); }}")
+        page.page.set_viewport_size(VIEWPORT)
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.browser
+def test_no_nodes_overlap_in_nodes_2_of_the_pinned_frontend(frontend_page):
+    """Nodes 2.0 (Vue, which draws most nodes taller) in the frontend ComfyUI 0.3.75 pins; the canvas rendering is
+    checked by test_workflow_loads_unchanged_in_the_frontend_and_sends_what_we_convert."""
+    _assert_no_overlaps_in_nodes_2(frontend_page)
+
+
+@pytest.mark.browser
+def test_no_nodes_overlap_in_nodes_2_of_the_newer_frontend(newer_frontend_page):
+    """The same in the newer frontend, where loaders show their missing-model notice too."""
+    assert newer_frontend_page.js("() => window.__COMFYUI_FRONTEND_VERSION__") == NEWER_FRONTEND
+    _assert_no_overlaps_in_nodes_2(newer_frontend_page)
+
+
+@pytest.mark.browser
+def test_missing_models_panel_shows_the_folder_of_every_model_file(newer_frontend_page):
+    """Nothing is installed: the Missing Models panel lists every model file under the folder its entry names
+    (checkpoints, audio_encoders, audiotoken), none as "Unknown"."""
+    from test_browser import APP
+
+    page = newer_frontend_page
+    for name in ALL:
+        workflow = _load(name)
+        expected = {file: entry["directory"] for file, entry in _model_entries(workflow).items()}
+        assert expected, name
+        page.js(f"async (wf) => {{ await {APP}.loadGraphData(wf); }}", workflow)
+        page.page.locator("[data-testid='error-overlay-see-errors']").click(timeout=20_000)
+        # a row: the file name (its title) over "<folder> · <size>", or over "Unknown"
+        labels_js = """(names) => Object.fromEntries(names.map(name => {
+            const text = [...document.querySelectorAll('[title]')].find(e => e.title === name)?.closest('span.flex-col');
+            const label = text && text.children.length > 1 ? text.lastElementChild : null;
+            return [name, label ? label.innerText.split(' · ')[0].trim() : null]; }))"""
+        page.page.wait_for_function(f"(names) => Object.values(({labels_js})(names)).every(v => v)",
+                                    arg=sorted(expected), timeout=20_000)
+        shown = page.js(labels_js, sorted(expected))
+        if name == TRAIN:
+            page.shot("missing_models_panel")
+        assert shown == expected, name
+        page.page.keyboard.press("Escape")
 
 
 @pytest.mark.browser
 @pytest.mark.parametrize("name", ALL)
 def test_workflow_loads_unchanged_in_the_frontend_and_sends_what_we_convert(frontend_page, name):
-    """The frontend keeps every widget value, grows no node (so nothing overlaps: our audio previews and charts
-    make some nodes tall) and sends, apart from its own UI-only widgets, exactly the prompt tools.workflow_api makes."""
+    """The frontend keeps every widget value, grows no node, draws no two nodes over each other on the canvas
+    (title bars included) and sends, apart from its own UI-only widgets, exactly the prompt tools.workflow_api makes."""
     from test_browser import APP
 
     workflow = _load(name)
@@ -279,6 +434,7 @@ def test_workflow_loads_unchanged_in_the_frontend_and_sends_what_we_convert(fron
         mine = original[node["id"]]
         assert node.get("widgets_values", []) == mine.get("widgets_values", []), (node["id"], node["type"])
         assert node["size"] == mine["size"], f"node {node['id']} ({node['type']}) grows to {node['size']} in the frontend"
+    assert not _overlaps(_canvas_boxes(frontend_page)), _overlaps(_canvas_boxes(frontend_page))
     assert saved["version"] == workflow["version"] and saved["links"] == workflow["links"]
     sent = frontend_page.js(f"async () => (await {APP}.graphToPrompt()).output")
     ours, problems = convert(workflow, frontend_page.server.get("/object_info"))

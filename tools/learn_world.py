@@ -1,6 +1,6 @@
 """A synthetic "learnability world": paired sound / image classes and a tiny text-to-image model.
 
-Used by the proof that AudioToken learns (issue 3) and, later, by the evaluation.
+Used by the proof that AudioToken learns and by the evaluation.
 
     wave = make_sound(k, seed)                 # [80000] float32, 16 kHz, sound class k in 0..K-1
     seeds = sound_seeds("heldout", 8)          # instance seeds; "train" and "heldout" never overlap

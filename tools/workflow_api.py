@@ -100,14 +100,18 @@ def convert(workflow: dict, object_info: dict, overrides: dict[str, dict] | None
 
 
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above `pos`
+NODE_GAP = 20  # the least space between two nodes (title bars included)
+# What the frontend's missing-model scan takes for a model file name in a widget value.
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".gguf")
 
 
 def format_problems(workflow: dict) -> list[str]:
-    """Structure checks against what the ComfyUI frontend (1.32) saves, without a server.
+    """Structure checks against what the ComfyUI frontend (1.32 to 1.58) saves and reads, without a server.
 
     Version 0.4; links as [id, origin_id, origin_slot, target_id, target_slot, type], consistent with
     the nodes' `inputs[].link` and `outputs[].links`; last_node_id / last_link_id not below the ids in
-    use; no two nodes overlapping (title bars included), so the graph reads cleanly when opened.
+    use; no two nodes closer than NODE_GAP (title bars included), so the graph reads cleanly when opened;
+    every model file a node names is declared in its `properties.models` (see `model_entry_problems`).
     """
     problems: list[str] = []
     if workflow.get("version") != 0.4:
@@ -158,10 +162,49 @@ def format_problems(workflow: dict) -> list[str]:
                     problems.append(f"node {n['id']} output {o['name']} lists missing link {lid}")
     boxes = [(n["id"], n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
              for n in nodes.values() if "pos" in n and "size" in n]
+    g = NODE_GAP
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
+            if a[1] < b[3] + g and b[1] < a[3] + g and a[2] < b[4] + g and b[2] < a[4] + g:
+                problems.append(f"nodes {a[0]} and {b[0]} overlap or are closer than {g} px")
+    groups = [(grp.get("title"), x, y, x + w, y + h) for grp in workflow.get("groups") or []
+              for x, y, w, h in [grp["bounding"]]]
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
             if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]:
-                problems.append(f"nodes {a[0]} and {b[0]} overlap")
+                problems.append(f"groups {a[0]!r} and {b[0]!r} overlap")
+        for box in boxes:
+            inside = a[1] <= box[1] and box[3] <= a[3] and a[2] <= box[2] and box[4] <= a[4]
+            apart = box[3] <= a[1] or a[3] <= box[1] or box[4] <= a[2] or a[4] <= box[2]
+            if not (inside or apart):
+                problems.append(f"node {box[0]} sticks out of group {a[0]!r}")
+    for n in nodes.values():
+        problems += model_entry_problems(n)
+    return problems
+
+
+def model_entry_problems(node: dict) -> list[str]:
+    """Each model file a node names must be declared in its `properties.models` as {name, url, directory}.
+
+    The frontend's Missing Models panel takes the folder from that entry (else it shows "Unknown")
+    and offers the url; its workflow schema needs all three strings, the url an absolute https one.
+    """
+    where = f"node {node.get('id')} ({node.get('type')})"
+    declared = (node.get("properties") or {}).get("models") or []
+    problems = []
+    for entry in declared:
+        bad = [k for k in ("name", "url", "directory") if not (isinstance(entry, dict) and isinstance(entry.get(k), str)
+                                                               and entry[k])]
+        if bad:
+            problems.append(f"{where}: models entry {entry!r} lacks {bad}")
+        elif not entry["url"].startswith("https://"):
+            problems.append(f"{where}: models entry {entry['name']} has url {entry['url']!r}, not an https:// address")
+    names = {e.get("name") for e in declared if isinstance(e, dict)}
+    values = node.get("widgets_values") or []
+    for value in values.values() if isinstance(values, dict) else values:
+        if isinstance(value, str) and value.lower().endswith(MODEL_SUFFIXES) and value not in names:
+            problems.append(f"{where}: model file {value!r} has no properties.models entry "
+                            "{name, url, directory}: the Missing Models panel would show its folder as Unknown")
     return problems
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from tools.workflow_api import TITLE_HEIGHT
+
 SIZE = (640, 400)
 PACK_COLOR, CORE_COLOR, NOTE_COLOR = (42, 77, 99), (60, 60, 66), (80, 72, 40)
 GROUP_COLOR = (52, 74, 92)
@@ -22,7 +24,9 @@ GROUP_COLOR = (52, 74, 92)
 def draw(workflow: dict, size: tuple[int, int] = SIZE) -> Image.Image:
     nodes = workflow["nodes"]
     groups = workflow.get("groups") or []
-    rects = [(*n["pos"], *n["size"]) for n in nodes] + [tuple(g["bounding"]) for g in groups]
+    # a node's box as drawn: its title bar sits above `pos`
+    rects = [(n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["size"][0], n["size"][1] + TITLE_HEIGHT) for n in nodes]
+    rects += [tuple(g["bounding"]) for g in groups]
     x0 = min(r[0] for r in rects)
     y0 = min(r[1] for r in rects)
     x1 = max(r[0] + r[2] for r in rects)
@@ -32,8 +36,8 @@ def draw(workflow: dict, size: tuple[int, int] = SIZE) -> Image.Image:
 
     def box(n):
         left = margin + (n["pos"][0] - x0) * scale
-        top = margin + (n["pos"][1] - y0) * scale
-        return left, top, left + n["size"][0] * scale, top + n["size"][1] * scale
+        top = margin + (n["pos"][1] - TITLE_HEIGHT - y0) * scale
+        return left, top, left + n["size"][0] * scale, top + (n["size"][1] + TITLE_HEIGHT) * scale
 
     img = Image.new("RGB", size, (24, 24, 28))
     d = ImageDraw.Draw(img)

@@ -77,14 +77,8 @@ class VideoFrame:
     candidates: int = 5
     scorer: ClipScorer | None = field(default=None, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # mode and scorer are checked where the lists are built (_frame_spec)
         object.__setattr__(self, "path", Path(self.path))
-        if self.mode not in FRAME_MODES:
-            raise DatasetSourceError(f"unknown frame mode {self.mode!r}; choose one of {', '.join(FRAME_MODES)}")
-        if self.mode == "clip" and self.scorer is None:
-            raise DatasetSourceError("frame mode 'clip' needs a clip_scorer; pass one or use frame='middle'")
-        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 1:
-            raise DatasetSourceError(f"candidates must be a positive integer, got {self.candidates!r}")
 
 
 ImageSource = Union[Path, VideoFrame]
@@ -108,8 +102,6 @@ class PairItem:
         object.__setattr__(self, "audio", Path(self.audio))
         if not isinstance(self.image, VideoFrame):
             object.__setattr__(self, "image", Path(self.image))
-        if not self.clip_start >= 0:
-            raise DatasetSourceError(f"clip_start must be >= 0 seconds, got {self.clip_start!r}")
 
     @property
     def source_files(self) -> tuple[Path, ...]:

@@ -80,9 +80,7 @@ def build_train_batches(
     (by `encode_audio` / `encode_images`) and stored keyed by file content and `cache_settings`
     (name the encoder, its layers and the VAE there); later epochs and runs skip those models."""
     dataset = AudioImageDataset(items, image_size=image_size, window_seconds=window_seconds, seed=seed)
-    if cache_dir is not None:
-        if encode_audio is None or encode_images is None:
-            raise ValueError("a feature cache needs both encode_audio and encode_images")
+    if cache_dir is not None:  # with encode_audio and encode_images
         distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed and rank != 0:
             torch.distributed.barrier()  # rank 0 fills the cache first; the others then only read it

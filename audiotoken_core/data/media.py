@@ -53,6 +53,8 @@ def _open_image(path: Path):
             image = ImageOps.exif_transpose(image)
     except FileNotFoundError as exc:
         raise MediaError(f"image not found: {path}; check the path") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's guard against huge images (MAX_IMAGE_PIXELS)
+        raise MediaError(f"image {path} is too large to decode ({exc}); downscale it, e.g. to 1024 px") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise MediaError(f"could not read image {path}: {exc}; re-save it as PNG or JPEG") from exc
     return image

@@ -47,11 +47,6 @@ class HFClip:
         from PIL import Image
 
         if isinstance(images, Tensor):
-            if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-                raise ValueError(f"images must be [N, H, W, 3] floats in 0..1 (ComfyUI IMAGE) or a list of PIL "
-                                 f"images, got shape {tuple(images.shape)}.")
-            if not torch.isfinite(images).all():
-                raise ValueError("images contain NaN or infinite values: check the decoder that produced them.")
             arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
             if arr.shape[-1] == 1:
                 arr = arr.repeat(3, axis=-1)

@@ -65,15 +65,7 @@ def contact_sheet(rows: Sequence[Sequence], titles: Sequence[str] | None = None,
     """
     from PIL import Image, ImageDraw
 
-    if not rows or not rows[0]:
-        raise ValueError("a contact sheet needs at least one row with one picture")
     ncols = len(rows[0])
-    if any(len(r) != ncols for r in rows):
-        raise ValueError(f"every row needs {ncols} pictures, got {[len(r) for r in rows]}")
-    if titles is not None and len(titles) != ncols:
-        raise ValueError(f"{len(titles)} titles for {ncols} columns")
-    if row_labels is not None and len(row_labels) != len(rows):
-        raise ValueError(f"{len(row_labels)} row labels for {len(rows)} rows")
     if cell is None:
         first = to_uint8(rows[0][0])
         cell = (first.shape[1], first.shape[0])

@@ -26,17 +26,18 @@ and BatchNorm ``num_batches_tracked``) and ``audio_transform.sequential.{0,3}.``
 training-time extras (``image_transform.*``) are ignored. We also accept a Lightning-style
 ``{"state_dict": {...}}`` wrapper, ``module.``/``model.`` prefixes, the ``encoder.``/``transform.``
 names of the package's ``ResNetExtractor`` and a ``.safetensors`` file with the same keys.
-``.pt`` files are read with ``torch.load(weights_only=True)`` only; ``python -m
-audiotoken_core.evaluation.wav2clip IN.pt OUT.safetensors`` converts one.
+``.pt`` files are read with weights-only loading only (``audiotoken_core.io``);
+``python scripts/convert_wav2clip.py IN.pt OUT.safetensors`` converts one.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from ..io import load_torch_weights_only
 
 SAMPLE_RATE = 16000
 
@@ -62,14 +63,10 @@ class Wav2CLIPConfig:
     sample_rate: int = SAMPLE_RATE
 
     def __post_init__(self):
-        if self.normalization not in ("per_example", "batch"):
-            raise ValueError(f"normalization must be 'per_example' or 'batch', got {self.normalization!r}")
         self.layers = tuple(self.layers)
         self.widths = tuple(self.widths)
         if self.transform_units is not None:
             self.transform_units = tuple(self.transform_units)
-            if self.transform_units[0] != self.widths[-1]:
-                raise ValueError(f"transform_units must start with the encoder width {self.widths[-1]}")
 
     @property
     def embed_dim(self) -> int:
@@ -168,21 +165,11 @@ class Wav2CLIP(nn.Module):
                                 if self.config.transform_units else None)
 
     def forward(self, waveform: Tensor) -> Tensor:
-        if not isinstance(waveform, Tensor) or waveform.ndim not in (1, 2):
-            raise ValueError(f"Wav2CLIP takes mono waveforms [B, T] at {SAMPLE_RATE} Hz, got "
-                             f"{tuple(waveform.shape) if isinstance(waveform, Tensor) else type(waveform).__name__}: "
-                             f"mix or pick a channel and resample first (audiotoken_core.audio.prepare_waveform).")
+        """Callers pass prepare_waveform's output (finite, mono, 16 kHz, long enough)."""
         if waveform.ndim == 1:
             waveform = waveform.unsqueeze(0)
-        min_len = self.config.n_fft // 2 + 1
-        if waveform.shape[1] < min_len:
-            raise ValueError(f"Wav2CLIP needs at least {min_len} samples ({min_len / SAMPLE_RATE * 1000:.0f} ms at "
-                             f"{SAMPLE_RATE} Hz), got {waveform.shape[1]}: loop or pad short clips.")
         p = next(self.parameters())
-        waveform = waveform.to(device=p.device, dtype=p.dtype)
-        if not torch.isfinite(waveform).all():
-            raise ValueError("the audio contains NaN or infinite samples: re-export it.")
-        x = self.audio_encoder(waveform)
+        x = self.audio_encoder(waveform.to(device=p.device, dtype=p.dtype))
         return self.audio_transform(x) if self.audio_transform is not None else x
 
 
@@ -197,14 +184,7 @@ def _read_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - weights-only loading refuses any Python object
-        raise Wav2CLIPCheckpointError(
-            f"{path} could not be read as a weights-only torch file ({type(e).__name__}: {str(e)[:300]}). "
-            f"Only plain state dicts of tensors are accepted; convert the file where you trust it with "
-            f"`python -m audiotoken_core.evaluation.wav2clip IN.pt OUT.safetensors` (same weights-only rule) or "
-            f"save model.state_dict() with safetensors.") from e
+    return load_torch_weights_only(path, "the official Wav2CLIP.pt")
 
 
 def wav2clip_state_dict(obj) -> dict[str, Tensor]:
@@ -265,20 +245,3 @@ def load_wav2clip(path: str | Path, device: str | torch.device = "cpu",
     model.load_state_dict({k: v.to(reference[k].dtype) if v.is_floating_point() else v for k, v in state.items()})
     model.eval().requires_grad_(False)
     return model.to(device)
-
-
-def _main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m audiotoken_core.evaluation.wav2clip Wav2CLIP.pt Wav2CLIP.safetensors", file=sys.stderr)
-        return 2
-    from safetensors.torch import save_file
-
-    model = load_wav2clip(argv[0])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, argv[1],
-              metadata={"format": "wav2clip", "source": Path(argv[0]).name})
-    print(f"wrote {argv[1]} ({sum(p.numel() for p in model.parameters()):,} parameters)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))

@@ -76,56 +76,34 @@ class TrainConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what it accepts."""
-        for name, minimum in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("save_every", 0),
-                              ("keep_last", 0), ("log_every", 1)):
-            value = getattr(self, name)
-            if not _is_int(value) or value < minimum:
-                raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {value!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"TrainConfig.seed must be an int, got {self.seed!r}")
-        if not _is_number(self.base_lr) or not 0 < self.base_lr < 1:
-            raise ValueError(f"TrainConfig.base_lr must be a number in (0, 1), got {self.base_lr!r}")
-        if not isinstance(self.scale_lr, bool):
-            raise ValueError(f"TrainConfig.scale_lr must be a bool, got {self.scale_lr!r}")
-        if (
-            not isinstance(self.betas, tuple)
-            or len(self.betas) != 2
-            or not all(_is_number(b) and 0 <= b < 1 for b in self.betas)
-        ):
-            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
-        for name in ("weight_decay", "lambda_l1", "lambda_cl"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {value!r}")
-        if not _is_number(self.eps) or self.eps <= 0:
-            raise ValueError(f"TrainConfig.eps must be a number > 0, got {self.eps!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"TrainConfig.lr_schedule {self.lr_schedule!r} is not supported; use one of {LR_SCHEDULES}"
-            )
-        if not _is_number(self.window_seconds) or self.window_seconds <= 0:
-            raise ValueError(f"TrainConfig.window_seconds must be > 0, got {self.window_seconds!r}")
-        if not isinstance(self.placeholder, str) or not self.placeholder.strip():
-            raise ValueError(f"TrainConfig.placeholder must be a non-empty string, got {self.placeholder!r}")
-        if not isinstance(self.prompt, str) or self.placeholder not in self.prompt:
-            raise ValueError(
-                f"TrainConfig.prompt {self.prompt!r} must contain the placeholder {self.placeholder!r}, "
-                f"e.g. 'a photo of {self.placeholder}'"
-            )
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
-            raise ValueError(f"TrainConfig.max_grad_norm must be None or > 0, got {self.max_grad_norm!r}")
-        if (
-            not isinstance(self.name, str)
-            or not self.name
-            or any(c in self.name for c in '/\\:*?"<>|')
-            or self.name.startswith(".")
-        ):
-            raise ValueError(
-                f"TrainConfig.name {self.name!r} must be a plain file-name stem (no path separators), "
-                "e.g. 'dog_bark'"
-            )
+        counts = {"steps": 1, "batch_size": 1, "grad_accum": 1, "save_every": 0, "keep_last": 0, "log_every": 1}
+        checks = [(name, _is_int(getattr(self, name)) and getattr(self, name) >= low, f"an int >= {low}")
+                  for name, low in counts.items()]
+        checks += [(name, _is_number(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
+                   for name in ("weight_decay", "lambda_l1", "lambda_cl")]
+        checks += [
+            ("seed", _is_int(self.seed), "an int"),
+            ("base_lr", _is_number(self.base_lr) and 0 < self.base_lr < 1, "a number in (0, 1)"),
+            ("scale_lr", isinstance(self.scale_lr, bool), "a bool"),
+            ("betas", isinstance(self.betas, tuple) and len(self.betas) == 2
+             and all(_is_number(b) and 0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+            ("eps", _is_number(self.eps) and self.eps > 0, "a number > 0"),
+            ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
+            ("window_seconds", _is_number(self.window_seconds) and self.window_seconds > 0, "a number > 0"),
+            ("placeholder", isinstance(self.placeholder, str) and bool(self.placeholder.strip()),
+             "a non-empty string"),
+            ("prompt", isinstance(self.prompt, str) and str(self.placeholder) in self.prompt,
+             f"a text that contains the placeholder {self.placeholder!r}, e.g. 'a photo of {self.placeholder}'"),
+            ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            ("max_grad_norm", self.max_grad_norm is None or (_is_number(self.max_grad_norm) and self.max_grad_norm > 0),
+             "None or a number > 0"),
+            ("name", isinstance(self.name, str) and bool(self.name) and not self.name.startswith(".")
+             and not any(c in self.name for c in '/\\:*?"<>|\0'),
+             "a plain file-name stem (no path separators, no leading dot), e.g. 'dog_bark'"),
+        ]
+        for name, ok, accepts in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {accepts}, got {getattr(self, name)!r}")
 
     # ------------------------------------------------------------------ derived values
     def global_batch(self, world_size: int = 1) -> int:

@@ -17,7 +17,9 @@ import {
   audiotokenParseFileValue,
   audiotokenSpectrogram,
   audiotokenSpectrogramImage,
+  audiotokenTimeSpan,
   audiotokenViewPath,
+  audiotokenWindowCount,
   audiotokenWindowSamples,
 } from "./audiotoken_audio.js";
 import { AudiotokenLossChart } from "./audiotoken_loss_chart.js";
@@ -245,9 +247,7 @@ class AudiotokenPreview {
       return [{ start: 0, length: duration }];
     }
     if (!this.multi) return [{ start: params.start, length: params.windowSeconds }];
-    const count = duration <= params.windowSeconds
-      ? 1
-      : 1 + Math.floor((duration - params.windowSeconds) / params.hop + 1e-9);
+    const count = audiotokenWindowCount(duration, params.windowSeconds, params.hop);
     const shown = Math.min(count, params.maxWindows);
     this.tooMany = count > params.maxWindows ? count : 0;
     return Array.from({ length: shown }, (_, i) => ({ start: i * params.hop, length: params.windowSeconds }));
@@ -280,6 +280,9 @@ class AudiotokenPreview {
       mono,
       rate: d.sampleRate,
       duration: d.duration,
+      // While a drag is on, the time axis keeps the scale it had when the window was grabbed, so
+      // the grabbed point stays under the pointer; it fits the window again when the drag ends.
+      span: this.dragSpan ?? audiotokenTimeSpan(d.duration, windows),
       windows,
       loop: params.loop,
       draggable: !this.multi && !d.server,
@@ -333,10 +336,7 @@ class AudiotokenPreview {
     const x = (event.clientX - rect.left) / scaleX;
     const y = (event.clientY - rect.top) / scaleX;
     const { wave } = audiotokenPanels(this.canvas.clientWidth, this.canvas.clientHeight);
-    const windows = this.state.windows || [];
-    const lastEnd = windows.reduce((m, w) => Math.max(m, w.start + w.length), 0);
-    const span = Math.max(this.state.duration, lastEnd, 1e-3);
-    return { t: ((x - wave.x) / wave.w) * span, inWave: y >= wave.y - 4 && y <= wave.y + wave.h + 4 };
+    return { t: ((x - wave.x) / wave.w) * this.state.span, inWave: y >= wave.y - 4 && y <= wave.y + wave.h + 4 };
   }
 
   onPointerDown(event) {
@@ -348,6 +348,7 @@ class AudiotokenPreview {
     // grab inside the window keeps the offset; a click elsewhere puts the window's start there
     this.dragOffset = t >= start && t <= start + length ? t - start : 0;
     this.dragging = true;
+    this.dragSpan = this.state.span;
     this.canvas.setPointerCapture?.(event.pointerId);
     event.preventDefault();
     event.stopPropagation();
@@ -364,8 +365,10 @@ class AudiotokenPreview {
   onPointerUp(event) {
     if (!this.dragging) return;
     this.dragging = false;
+    this.dragSpan = undefined;
     this.canvas.releasePointerCapture?.(event.pointerId);
     event.stopPropagation();
+    this.update();
   }
 
   setStart(seconds) {

@@ -86,6 +86,23 @@ export function audiotokenMaxStart(duration, loop) {
 }
 
 /**
+ * How many windows of `windowSeconds` every `hop` seconds (starting at 0) fit in `duration` seconds;
+ * at least one (a shorter recording gives one looped window). The node's count
+ * (audiotoken_core/audio.py window_count): the same formula in the same doubles, both held to
+ * tests/data/window_table.json. The 1e-9 (in hops) counts a window ending exactly at the end.
+ */
+export function audiotokenWindowCount(duration, windowSeconds, hop) {
+  if (duration <= windowSeconds) return 1;
+  return 1 + Math.floor((duration - windowSeconds) / hop + 1e-9);
+}
+
+/** Seconds the time axis shows: the recording, or more where a window runs past its end. */
+export function audiotokenTimeSpan(duration, windows) {
+  const lastEnd = windows.reduce((m, win) => Math.max(m, win.start + win.length), 0);
+  return Math.max(duration, lastEnd, 1e-3);
+}
+
+/**
  * The samples the model hears: [start, start + window) of the clip tiled without end
  * (loop) or zero-padded (no loop), at the decoded rate.
  */
@@ -268,9 +285,9 @@ export function audiotokenClearCanvas(canvas, fallbackWidth, fallbackHeight) {
 }
 
 /**
- * Draw the preview. state = {mono, rate, duration, windows: [{start, length}], loop, message,
- * playhead (seconds or null), spectrogram image (canvas) or null, caption, label (replaces the window text)}.
- * The timeline spans max(duration, end of the last window), so a looped tail is visible.
+ * Draw the preview. state = {mono, rate, duration, span (seconds on the time axis), windows: [{start, length}],
+ * loop, message, playhead (seconds or null), spectrogram image (canvas) or null, caption, label (replaces the
+ * window text)}.
  */
 export function audiotokenDrawPreview(canvas, state) {
   const dpr = window.devicePixelRatio || 1;
@@ -282,8 +299,7 @@ export function audiotokenDrawPreview(canvas, state) {
   }
   const { wave, spec } = audiotokenPanels(w, h);
   const windows = state.windows || [];
-  const lastEnd = windows.reduce((m, win) => Math.max(m, win.start + win.length), 0);
-  const span = Math.max(state.duration, lastEnd, 1e-3);
+  const span = state.span;
   const xOf = (t) => wave.x + (t / span) * wave.w;
 
   // Waveform of the whole recording (and its repetitions where a window loops past the end).
