@@ -179,8 +179,12 @@ def test_evaluate_node_validation(comfy, eval_models):
     assert node["output"] == ["STRING", "IMAGE"] and "clip_vision" in node["input"]["optional"]
     status, body = comfy.queue(eval_graph("bad", eval_set="no_such_set"))
     assert status == 400 and "no_such_set" in json.dumps(body)
-    status, body = comfy.queue(eval_graph("bad", prompt="a photo of a dog"))
-    assert status == 400 and "placeholder" in json.dumps(body)
+    details = [e["details"] for errors in body["node_errors"].values() for e in errors["errors"]]
+    assert sum("no_such_set" in d for d in details) == 1, details  # listed once, not once per input read
+    # The prompt is checked first thing when the node runs (a check reading two inputs would be listed twice).
+    err = execution_error(comfy.run(eval_graph("bad", prompt="a photo of a dog")))
+    assert err is not None and "does not contain the placeholder '<audio>'" in err["exception_message"], err
+    assert not (comfy.base / "output" / "audiotoken_eval" / "bad").exists()  # refused before any work
 
 
 def test_evaluate_command_on_the_same_models(comfy, eval_models, tmp_path):

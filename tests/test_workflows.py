@@ -351,12 +351,19 @@ def _vue_boxes(page, workflow: dict) -> dict[str, list[float]]:
     # our audio previews are drawn (a decoded recording makes them taller), then the widgets settle
     page.page.wait_for_function(f"""() => {APP}.graph._nodes.filter(n => n.audiotokenPreview)
         .every(n => n.audiotokenPreview.state?.mono && !n.audiotokenPreview.frame)""", timeout=30_000)
-    page.page.wait_for_timeout(300)
-    return page.js(f"""() => {{ const ds = {APP}.canvas.ds; const c = {APP}.canvas.canvas.getBoundingClientRect();
+    measure = f"""() => {{ const ds = {APP}.canvas.ds; const c = {APP}.canvas.canvas.getBoundingClientRect();
         return Object.fromEntries([...document.querySelectorAll('[data-node-id]')].map(e => {{
             const r = e.getBoundingClientRect();
             return [e.dataset.nodeId, [(r.x - c.x) / ds.scale - ds.offset[0], (r.y - c.y) / ds.scale - ds.offset[1],
-                                       r.width / ds.scale, r.height / ds.scale]]; }})); }}""")
+                                       r.width / ds.scale, r.height / ds.scale]]; }})); }}"""
+    # The widgets settle over a few frames (slower on a busy machine): measure until two measurements agree.
+    boxes = None
+    for _ in range(40):
+        page.page.wait_for_timeout(150)
+        boxes, previous = page.js(measure), boxes
+        if boxes == previous:
+            break
+    return boxes
 
 
 def _assert_no_overlaps_in_nodes_2(page):
