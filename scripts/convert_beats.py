@@ -7,33 +7,25 @@ travels in the file's metadata. Both files load as audio encoders (models/audio_
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from audiotoken_core.beats_checkpoint import load_beats_state, save_beats_safetensors  # noqa: E402
+from converter_cli import convert_main  # noqa: E402  (scripts/, beside this file)
+
+
+def convert(source: Path, target: Path) -> str:
+    config, state = load_beats_state(source)
+    save_beats_safetensors(target, config, state)
+    return (f"wrote {target} ({sum(t.numel() for t in state.values()) / 1e6:.1f} M values, "
+            f"{config.encoder_layers} layers x {config.encoder_embed_dim})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", type=Path, help="official BEATs checkpoint, e.g. BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt")
-    parser.add_argument("target", type=Path, help="output .safetensors path")
-    parser.add_argument("--force", action="store_true", help="overwrite TARGET if it exists")
-    args = parser.parse_args(argv)
-    if args.target.exists() and not args.force:
-        print(f"error: {args.target} exists (use --force to overwrite)", file=sys.stderr)
-        return 2
-    try:
-        config, state = load_beats_state(args.source)
-        save_beats_safetensors(args.target, config, state)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.target} ({sum(t.numel() for t in state.values()) / 1e6:.1f} M values, "
-          f"{config.encoder_layers} layers x {config.encoder_embed_dim})")
-    return 0
+    return convert_main(__doc__.splitlines()[0], "official BEATs checkpoint, e.g. "
+                        "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt", convert, argv)
 
 
 if __name__ == "__main__":
