@@ -77,11 +77,16 @@ def _window_inputs() -> list:
     ]
 
 
+CLIP_TOOLTIP = ("CLIP / text encoders of the checkpoint the AudioToken was trained for: SD1.x, SD2.x, SDXL, SD3.x, "
+                "Flux.1, Chroma, Wan 2.x, Qwen-Image, HunyuanVideo, Z-Image, Lumina 2 or HiDream.")
+
+
 def _prompt_inputs() -> list:
     return [
         io.String.Input("text", default=DEFAULT_PROMPT, multiline=True,
                         tooltip="Prompt with the placeholder where the sound belongs, e.g. 'an oil painting of <audio> at night'. "
-                                "It may appear several times and take weights like (<audio>:1.3)."),
+                                "It may appear several times and take weights like (<audio>:1.3); Qwen-Image and "
+                                "Z-Image text encoders ignore prompt weights."),
         io.String.Input("placeholder", default=DEFAULT_PLACEHOLDER,
                         tooltip="The pseudo-word in the prompt that the audio vector replaces."),
     ]
@@ -231,8 +236,9 @@ class AudioTokenConditioning(io.ComfyNode):
             display_name="AudioToken Conditioning",
             category=CATEGORY,
             description="Encodes a prompt with the audio vector in place of the placeholder word (textual-inversion style, "
-                        "before the frozen CLIP text transformer). One conditioning row per embedding row.",
-            inputs=[io.Clip.Input("clip", tooltip="CLIP of an SD1.x, SD2.x or SDXL checkpoint."),
+                        "before the frozen text encoders: one vector per encoder, e.g. CLIP-L + T5-XXL for Flux.1). "
+                        "One conditioning row per embedding row. Qwen-Image and Z-Image ignore prompt weights.",
+            inputs=[io.Clip.Input("clip", tooltip=CLIP_TOOLTIP),
                     EMBEDDING.Input("audio_embedding", tooltip="From 'AudioToken Embed Audio', 'Blend' or 'Load Embedding'."),
                     *_prompt_inputs()],
             outputs=[io.Conditioning.Output(tooltip="Conditioning for KSampler.")],
@@ -260,7 +266,7 @@ class AudioTokenEncode(io.ComfyNode):
             description="The whole AudioToken path in one node: audio -> audio encoder -> Embedder -> the placeholder's word "
                         "embedding -> CLIP -> CONDITIONING. Also outputs the audio embedding for saving or blending.",
             search_aliases=["audio to image", "sound to image", "audio conditioning"],
-            inputs=[io.Clip.Input("clip", tooltip="CLIP of an SD1.x, SD2.x or SDXL checkpoint."),
+            inputs=[io.Clip.Input("clip", tooltip=CLIP_TOOLTIP),
                     io.Audio.Input("audio", tooltip="Any ComfyUI AUDIO: any sample rate 8-192 kHz, any channel count; "
                                                     "a batch gives one conditioning row per clip."),
                     AUDIOTOKEN.Input("audiotoken", tooltip="From 'Load AudioToken'."),

@@ -1,13 +1,22 @@
 """Put an audio vector into a ComfyUI prompt in place of its placeholder word.
 
-ComfyUI tokenizers return `{key: [chunk, ...]}` where each chunk holds exactly the text
-encoder's context length of `(token, weight, word_id)` entries, and `SDClipModel` splices
-any tensor entry into the input word embeddings. The placeholder (`<audio>`) is several
-BPE tokens; we replace that run by ONE tensor entry (keeping its prompt weight) and pad
-the chunk at its end, so the end token and the pooled output stay where CLIP expects them.
+ComfyUI tokenizers return `{key: [chunk, ...]}` (one key per text encoder: `l`, `g`, `t5xxl`,
+`umt5xxl`, `llama`, `qwen25_7b`, ...) and every text encoder built on `SDClipModel` splices a
+non-integer entry (`{"type": "embedding", "data": vector}`, or a bare tensor) into its input
+word embeddings. The placeholder (`<audio>`) is several tokens;
+we write a ONE-token stand-in word in its place (chosen per text encoder: `sks` is one CLIP
+token but four T5 tokens), let ComfyUI tokenize, chunk, template and pad the prompt as usual,
+and replace each stand-in entry by that encoder's vector (keeping its prompt weight). So CLIP
+keeps its end token and pooled output where it expects them, and the LLM chat templates of
+Qwen-Image, Z-Image and HunyuanVideo wrap the prompt exactly as they would any word.
 
-The prompt is tokenized once per encode; the rows of a batch (one per clip or window) then
-go through the text encoder together, as consecutive prompt sections of one ComfyUI encode.
+Prompt weights: CLIP, T5, Gemma-2 (Lumina 2) and Llama (HunyuanVideo, HiDream) tokens keep
+`(word:1.2)` weights; ComfyUI's Qwen-Image and Z-Image tokenizers ignore prompt weights (they
+tokenize the whole templated text with weight 1, the weight syntax stays as plain text).
+
+A batch of rows (one per clip or window) goes through the text encoders together, as
+consecutive prompt sections of one ComfyUI encode, only for CLIP-only families (SD1.x, SD2.x,
+SDXL) where tests prove it equals the per-row encode; every other family is encoded row by row.
 """
 from __future__ import annotations
 
@@ -17,11 +26,25 @@ import weakref
 
 import torch
 
-SUPPORTED_FAMILIES = {
+# Family names for messages only, by the CLIP's token keys; the text encoders and their widths
+# are always read from the model itself, so other key sets work too.
+FAMILY_NAMES = {
     frozenset({"l"}): "SD1.x",
     frozenset({"h"}): "SD2.x",
     frozenset({"g", "l"}): "SDXL",
+    frozenset({"g", "l", "t5xxl"}): "SD3.x",
+    frozenset({"l", "t5xxl"}): "Flux.1",
+    frozenset({"t5xxl"}): "T5-XXL (Chroma / PixArt)",
+    frozenset({"umt5xxl"}): "Wan 2.x",
+    frozenset({"qwen25_7b"}): "Qwen-Image",
+    frozenset({"l", "llama"}): "HunyuanVideo",
+    frozenset({"qwen3_4b"}): "Z-Image",
+    frozenset({"gemma2_2b"}): "Lumina 2",
+    frozenset({"g", "l", "t5xxl", "llama"}): "HiDream",
 }
+# Families whose rows may share one encode as prompt sections (CLIP only: fixed 77-token
+# chunks, no attention masks, no templates); tests/test_splice.py proves the equality.
+SECTION_FAMILIES = (frozenset({"l"}), frozenset({"h"}), frozenset({"g", "l"}))
 
 # Prompt rows per text-encoder pass: bounds activation memory when long audio gives hundreds of rows.
 ROWS_PER_PASS = 64
@@ -32,23 +55,47 @@ class PromptError(ValueError):
 
 
 def clip_family(keys) -> str:
+    """The family name of a CLIP with these token keys, for messages."""
     keys = frozenset(keys)
-    if keys not in SUPPORTED_FAMILIES:
-        raise PromptError(
-            f"This CLIP has text encoders {sorted(keys)}; AudioToken supports SD1.x (l), "
-            f"SD2.x (h) and SDXL (g + l) checkpoints. Connect the CLIP output of such a checkpoint loader."
-        )
-    return SUPPORTED_FAMILIES[keys]
+    return FAMILY_NAMES.get(keys) or f"({', '.join(sorted(keys))})"
+
+
+def text_encoders(clip, keys=None) -> dict:
+    """{token key: the text encoder (SDClipModel) that reads those tokens, or None when this CLIP
+    ignores them (an SD3 / HiDream CLIP loaded without some of its encoders)}."""
+    model = clip.cond_stage_model
+    keys = list(keys if keys is not None else _empty_tokens(clip).keys())
+    found = {}
+    for key in keys:
+        # SD1ClipModel(clip_name=k) -> clip_<k>; SD1ClipModel(name=k) and composites -> <k>
+        names = [n for n in (f"clip_{key}", key) if hasattr(model, n)]
+        if names:
+            found[key] = getattr(model, names[0])
+        elif getattr(model, "clip_name", key) != key:
+            found[key] = None  # a one-encoder model reads only its own key (the SDXL refiner's g)
+        else:
+            raise PromptError(
+                f"This {clip_family(keys)} CLIP ({type(model).__name__}) has no text encoder for its '{key}' tokens, "
+                "so AudioToken cannot place the audio vector there. Connect a CLIP from a supported loader "
+                "(Load Checkpoint, Load CLIP, DualCLIPLoader, TripleCLIPLoader, QuadrupleCLIPLoader)."
+            )
+    return found
 
 
 def clip_widths(clip, keys=None) -> dict[str, int]:
-    """Input word-embedding width of each of the CLIP's text encoders, keyed like its tokens."""
+    """Input word-embedding width of each text encoder the CLIP uses, keyed like its tokens."""
+    encoders = text_encoders(clip, keys)
     widths = {}
-    for key in keys if keys is not None else clip.tokenize("").keys():
-        encoder = getattr(clip.cond_stage_model, f"clip_{key}", None)
+    for key, encoder in encoders.items():
         if encoder is None:
-            raise PromptError(f"This CLIP has no text encoder 'clip_{key}'; AudioToken cannot use it.")
-        widths[key] = int(encoder.transformer.get_input_embeddings().weight.shape[1])
+            continue
+        embeddings = getattr(getattr(encoder, "transformer", None), "get_input_embeddings", None)
+        if not callable(getattr(encoder, "process_tokens", None)) or not callable(embeddings):
+            raise PromptError(
+                f"The '{key}' text encoder of this {clip_family(encoders)} CLIP ({type(encoder).__name__}) cannot take "
+                "a word vector in its prompt, so AudioToken cannot use this CLIP."
+            )
+        widths[key] = int(embeddings().weight.shape[1])
     return widths
 
 
@@ -84,130 +131,258 @@ def require_prompt(text: str, placeholder: str) -> None:
         raise PromptError(problem)
 
 
-def replace_placeholder(text: str, placeholder: str, word: str) -> tuple[str, int]:
-    """`text` with every placeholder word replaced by ` word `, and how many there were."""
-    return _word(placeholder).subn(lambda _: f" {word} ", text)
+def replace_placeholder(text: str, placeholder: str, word: str, spaced: bool = False) -> tuple[str, int]:
+    """`text` with every placeholder word replaced by `word`, and how many there were.
+
+    A space goes before `word` unless one is there already, so it starts a word for every
+    tokenizer ("(<audio>:1.2)" -> "( sks:1.2)"; BPE LLM tokenizers make " sks" one token and
+    "(sks" another); `spaced` also puts one after it.
+    """
+    def put(match):
+        before = "" if match.start() > 0 and text[match.start() - 1].isspace() else " "
+        return f"{before}{word}{' ' if spaced else ''}"
+    return _word(placeholder).subn(put, text)
 
 
-# One-token words used to stand in for the placeholder while ComfyUI tokenizes the prompt
-# (rare in prompts; the first one that the prompt does not already use is taken).
-_STAND_INS = ("sks", "ohwx", "bbq", "ufo", "tok")
-# tokenizer -> {stand-in word: {key: token id}}: the ids depend on the tokenizer only.
+# Words that stand in for the placeholder while ComfyUI tokenizes the prompt: per text encoder
+# the first one that is ONE token for its tokenizer and not used by the prompt is taken. Their
+# meaning does not matter (the vector replaces them); rare ones first, then common short words
+# that are one token in most vocabularies (T5's sentencepiece has no `sks`).
+_STAND_INS = ("sks", "ohwx", "bbq", "ufo", "tok", "zz", "xx", "ex", "lamp", "vase", "sofa", "cow", "owl", "bee",
+              "ant", "cat", "dog", "lion", "tiger")
+# tokenizer -> {stand-in word: {key: token id}} (keys where the word is one token): tokenizer-only facts.
 _STAND_IN_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# tokenizer -> its tokens of the empty prompt (the token keys, templates, start/end/pad tokens).
+_EMPTY_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _empty_tokens(clip) -> dict:
+    if clip.tokenizer not in _EMPTY_TOKENS:
+        _EMPTY_TOKENS[clip.tokenizer] = clip.tokenize("", return_word_ids=True)
+    return _EMPTY_TOKENS[clip.tokenizer]
 
 
 def _is_token_id(token) -> bool:
     return isinstance(token, numbers.Integral)
 
 
+def _content_ids(chunks) -> list[int]:
+    """The token ids of a key's chunks that come from the text (word id > 0; template text
+    included), without start, end and pad tokens (word id 0)."""
+    return [int(t) for chunk in chunks for t, _, word, *_ in chunk if word != 0 and _is_token_id(t)]
+
+
+def _inserted(empty: list[int], with_words: list[int]) -> list[int]:
+    """The ids `with_words` has in place of `empty`'s (templates, start/end tokens cancel out)."""
+    p = 0
+    while p < min(len(empty), len(with_words)) and empty[p] == with_words[p]:
+        p += 1
+    s = 0
+    while s < min(len(empty), len(with_words)) - p and empty[-1 - s] == with_words[-1 - s]:
+        s += 1
+    return with_words[p:len(with_words) - s]
+
+
 def _stand_in_ids(clip) -> dict[str, dict[str, int]]:
-    """{stand-in word: {key: token id}} for the stand-ins that are one token for every text encoder."""
+    """{stand-in word: {key: token id}} for the keys whose tokenizer makes the word ONE token
+    (written after a space, as replace_placeholder writes it; LLM chat templates included)."""
     if clip.tokenizer not in _STAND_IN_IDS:
         def runs(text):
-            return {key: [int(t) for t, _, w in chunks[0] if w != 0 and _is_token_id(t)]
-                    for key, chunks in clip.tokenize(text, return_word_ids=True).items()}
-        together = runs(" ".join(_STAND_INS))  # one look-up when every stand-in is one token
-        if all(len(r) == len(_STAND_INS) for r in together.values()):
-            found = {word: {key: r[i] for key, r in together.items()} for i, word in enumerate(_STAND_INS)}
-        else:
-            found = {}
+            tokens = clip.tokenize(text, return_word_ids=True)
+            return {key: _inserted(_content_ids(empty[key]), _content_ids(chunks)) for key, chunks in tokens.items()}
+        empty = _empty_tokens(clip)
+        found = {word: {} for word in _STAND_INS}
+        together = runs(" " + " ".join(_STAND_INS))  # one look-up for keys where every stand-in is one token
+        for key, run in together.items():
+            if len(run) == len(_STAND_INS):
+                for word, token in zip(_STAND_INS, run):
+                    found[word][key] = token
+        other_keys = [key for key, run in together.items() if len(run) != len(_STAND_INS)]
+        if other_keys:
             for word in _STAND_INS:
-                run = runs(word)
-                if all(len(r) == 1 for r in run.values()):
-                    found[word] = {key: r[0] for key, r in run.items()}
-        _STAND_IN_IDS[clip.tokenizer] = found
+                run = runs(" " + word)
+                for key in other_keys:
+                    if len(run[key]) == 1:
+                        found[word][key] = run[key][0]
+        _STAND_IN_IDS[clip.tokenizer] = {word: ids for word, ids in found.items() if ids}
     return _STAND_IN_IDS[clip.tokenizer]
 
 
 def splice_tokens(clip, text: str, placeholder: str, vectors: dict[str, torch.Tensor]) -> dict:
     """Tokenize `text` and put `vectors[key]` (each [D]) at every placeholder occurrence."""
-    return _put_vectors(*_stand_in_tokens(clip, text, placeholder), vectors)
+    tokens, ids = _stand_in_tokens(clip, text, placeholder)
+    return _put_vectors(tokens, ids, vectors, embedding_scales(clip, ids))
 
 
-def _stand_in_tokens(clip, text: str, placeholder: str) -> tuple[dict, dict[str, int]]:
-    """The prompt tokenized with the placeholder written as a one-token stand-in word, and its ids.
+def _count(chunks, token: int) -> int:
+    return sum(1 for chunk in chunks for t, *_ in chunk if _is_token_id(t) and int(t) == token)
 
-    The placeholder is several BPE tokens but the vector is ONE word embedding. With a one-token
-    stand-in, ComfyUI chunks, ends and pads the prompt exactly as for a one-token word (classic
-    textual inversion): a placeholder at a chunk boundary stays in one piece, every chunk keeps
-    its length, its end token and its encoder's own pad token.
+
+def _stand_in_tokens(clip, text: str, placeholder: str, keys=None) -> tuple[dict, dict[str, int]]:
+    """The prompt tokenized with the placeholder written as one-token stand-in words, and their
+    ids per key ({key: id}) for the text encoders the CLIP uses (`keys`, default all it uses).
+
+    The placeholder is several tokens but the vector is ONE word embedding. With a one-token
+    stand-in, ComfyUI chunks, ends, pads and templates the prompt exactly as for a one-token
+    word (classic textual inversion): a placeholder at a chunk boundary stays in one piece and
+    every chunk keeps its length, its end token and its encoder's own pad token.
+
+    Each key's tokens are those of `clip.tokenize` of the prompt with that key's stand-in word,
+    checked to hold that word's token exactly once per placeholder. Usually one word serves
+    every key (one tokenize call); T5 / sentencepiece keys may need another word.
     """
     require_prompt(text, placeholder)
-    for word, ids in _stand_in_ids(clip).items():
+    if keys is None:
+        keys = clip_widths(clip).keys()
+    table = _stand_in_ids(clip)
+    tokens, ids, seen = None, {}, {}
+    for word in _STAND_INS:
         if _word(word, re.IGNORECASE).search(text):
             continue  # the prompt itself uses this word
-        # Spaces around the stand-in make it a word of its own ("<audio>," -> " sks ,").
-        replaced, expected = replace_placeholder(text, placeholder, word)
-        tokens = clip.tokenize(replaced, return_word_ids=True)
-        counts = {key: sum(1 for chunk in chunks for t, _, _ in chunk if _is_token_id(t) and int(t) == ids[key])
-                  for key, chunks in tokens.items()}
-        if any(n > expected for n in counts.values()):
-            continue  # a word of the prompt contains the stand-in's token: take the next stand-in
-        missing = sorted(key for key, n in counts.items() if n != expected)
-        if missing:
-            raise PromptError(
-                f"Found the placeholder '{placeholder}' {counts[missing[0]]} times in the tokens of text encoder "
-                f"'{missing[0]}' but {expected} times in the prompt. Keep it a separate word, "
-                f"e.g. 'a photo of {placeholder}, at night'."
-            )
-        return tokens, ids
+        for spaced in (False, True):
+            todo = [key for key in keys if key not in ids and key in table.get(word, {})]
+            if not todo:
+                break
+            replaced, expected = replace_placeholder(text, placeholder, word, spaced)
+            tokenized = clip.tokenize(replaced, return_word_ids=True)
+            if tokens is None:
+                tokens = dict(tokenized)
+            for key in todo:
+                count = _count(tokenized[key], table[word][key])
+                if count == expected:
+                    tokens[key], ids[key] = tokenized[key], table[word][key]
+                else:
+                    seen.setdefault(key, count)
+        if all(key in ids for key in keys):
+            return tokens, ids
+    missing = [key for key in keys if key not in ids]
+    family = clip_family(_empty_tokens(clip).keys())
+    key = missing[0]
+    if key in seen:
+        raise PromptError(
+            f"The '{key}' text encoder of this {family} CLIP sees the placeholder '{placeholder}' {seen[key]} times but "
+            f"the prompt has it {_word(placeholder).subn('', text)[1]} times. Keep it a separate word, e.g. "
+            f"'a photo of {placeholder}, at night', and the prompt short enough for that text encoder."
+        )
+    usable = [word for word in _STAND_INS if key in table.get(word, {})]
+    if not usable:
+        raise PromptError(
+            f"None of AudioToken's stand-in words {list(_STAND_INS)} is one token for the '{key}' tokenizer of this "
+            f"{family} CLIP, so AudioToken cannot place the audio vector in its prompts."
+        )
     raise PromptError(
-        f"The prompt already uses every stand-in word {list(_STAND_INS)} that AudioToken needs while it "
-        f"places '{placeholder}'; remove one of them from the prompt."
+        f"AudioToken found no free one-token stand-in word for the '{key}' text encoder of this {family} CLIP: "
+        f"the prompt already uses each of {usable}; remove one of them from the prompt."
     )
 
 
-def _put_vectors(tokens: dict, ids: dict[str, int], vectors: dict[str, torch.Tensor]) -> dict:
-    """Replace each stand-in entry by the vector of its text encoder, keeping weight and word id."""
+def vector_entry(vector: torch.Tensor) -> dict:
+    return {"type": "embedding", "data": vector}
+
+
+def entry_vector(token):
+    """The vector of a token entry made by _put_vectors, or None for any other entry."""
+    if isinstance(token, dict) and token.get("type") == "embedding" and torch.is_tensor(token.get("data")):
+        return token["data"]
+    return None
+
+
+def embedding_scales(clip, ids: dict[str, int]) -> dict[str, float]:
+    """{key: factor} that each text encoder's input-embedding module applies to its table rows.
+
+    A vector is a word-embedding ROW (what textual inversion edits, what label initialisation
+    reads), but ComfyUI splices an embedding entry AFTER that module. ComfyUI 0.33 scales Gemma's
+    rows inside the module (x sqrt(width)); 0.3.75 scaled after the splice. The vector gets the
+    module's own factor, so it means the same on both. Probed on the stand-in word's row."""
+    scales = {}
+    for key, encoder in text_encoders(clip, ids.keys()).items():
+        if encoder is None:
+            continue
+        table = encoder.transformer.get_input_embeddings()
+        with torch.no_grad():
+            row = table.weight[ids[key]].float()
+            out = table(torch.tensor([[ids[key]]], device=table.weight.device), out_dtype=torch.float32)[0, 0].to(row.device)
+            scale = float(out.norm() / row.norm())
+            if not torch.allclose(out, row * scale, rtol=1e-3, atol=1e-6):
+                raise PromptError(f"The '{key}' text encoder of this {clip_family(ids.keys())} CLIP transforms its word "
+                                  "embeddings in a way AudioToken cannot follow, so it cannot use this CLIP.")
+        scales[key] = scale
+    return scales
+
+
+def _put_vectors(tokens: dict, ids: dict[str, int], vectors: dict[str, torch.Tensor],
+                 scales: dict[str, float]) -> dict:
+    """Replace each stand-in entry by the vector of its text encoder, keeping weight and word id.
+    Keys without a vector or stand-in (encoders the CLIP does not use) stay as tokenized.
+
+    The entry is `{"type": "embedding", "data": vector}` (which every SDClipModel splices like a
+    bare tensor): family code that compares entries with token ids (HunyuanVideo's template cut
+    `tok_pairs[i][0] == 271`) then compares a dict, never a tensor. `scales`: `embedding_scales`
+    of the CLIP (each vector is a word-embedding row; it gets the factor the encoder gives its rows).
+    """
+    vectors = {k: v * scales[k] if scales.get(k, 1.0) != 1.0 else v for k, v in vectors.items()}
     return {
-        key: [[(vectors[key], weight, w) if _is_token_id(t) and int(t) == ids[key] else (t, weight, w)
-               for t, weight, w in chunk] for chunk in chunks]
+        key: [[(vector_entry(vectors[key]), weight, *rest) if _is_token_id(t) and int(t) == ids[key] else (t, weight, *rest)
+               for t, weight, *rest in chunk] for chunk in chunks]
+        if key in ids and key in vectors else chunks
         for key, chunks in tokens.items()
     }
 
 
-def check_vector_widths(vectors: dict[str, torch.Tensor], widths: dict[str, int], what: str) -> None:
+def check_vector_widths(vectors: dict[str, torch.Tensor], widths: dict[str, int], what: str,
+                        token_keys=None) -> None:
     """ComfyUI silently drops an embedding of the wrong width, and a token made for another
-    model family would be used by halves: refuse both with a message naming the fix."""
-    family = clip_family(widths)
-    if set(vectors) != set(widths):
+    model family would be used by halves: refuse both with a message naming the fix.
+
+    `widths`: the encoders the CLIP uses; `token_keys`: all its token keys (default: widths')
+    -- a token may carry vectors for keys the CLIP has but ignores (SD3 loaded without CLIP-G).
+    """
+    family = clip_family(token_keys if token_keys is not None else widths)
+    allowed = set(token_keys if token_keys is not None else widths)
+    if not set(widths) <= set(vectors) or not set(vectors) <= allowed:
         have = ", ".join(f"{k}={v.shape[-1]}" for k, v in sorted(vectors.items()))
         need = ", ".join(f"{k}={w}" for k, w in sorted(widths.items()))
-        made_for = SUPPORTED_FAMILIES.get(frozenset(vectors))
+        made_for = FAMILY_NAMES.get(frozenset(vectors))
         other = f", or connect the CLIP of an {made_for} checkpoint" if made_for else ""
         raise PromptError(
             f"{what} has vectors for text encoders [{have}]{f' (made for {made_for})' if made_for else ''} "
-            f"but this {family} CLIP needs [{need}]. Use an AudioToken trained for {family}{other}."
+            f"but this {family} CLIP needs [{need}]. Use an AudioToken trained for {family}: train one with this "
+            f"CLIP's checkpoint{other}."
         )
     for key, width in widths.items():
         got = int(vectors[key].shape[-1])
         if got != width:
             raise PromptError(
                 f"{what} gives {got}-wide vectors for text encoder '{key}', but this {family} CLIP "
-                f"embeds words in {width} dimensions. Use an AudioToken trained for {family}."
+                f"embeds words in {width} dimensions. Use an AudioToken trained for {family}: train one with this "
+                f"CLIP's checkpoint."
             )
 
 
 def encode_with_vectors(clip, text: str, placeholder: str, vectors: dict[str, torch.Tensor], what: str) -> list:
     """CONDITIONING for a batch: row b uses `vectors[key][b]` ([B, D] each, one B for all keys)."""
-    tokens, ids = _stand_in_tokens(clip, text, placeholder)
-    check_vector_widths(vectors, clip_widths(clip, tokens.keys()), what)
+    widths = clip_widths(clip)
+    tokens, ids = _stand_in_tokens(clip, text, placeholder, widths.keys())
+    check_vector_widths(vectors, widths, what, tokens.keys())
     batch = int(next(iter(vectors.values())).shape[0])
-    rows = [_put_vectors(tokens, ids, {k: v[b] for k, v in vectors.items()}) for b in range(batch)]
+    scales = embedding_scales(clip, ids)
+    rows = [_put_vectors(tokens, ids, {k: vectors[k][b] for k in widths}, scales) for b in range(batch)]
     return encode_token_rows(clip, rows)
 
 
 def encode_token_rows(clip, rows: list[dict]) -> list:
     """CONDITIONING with one batch row per token dict of `rows` (each as from `clip.tokenize`).
 
-    Up to ROWS_PER_PASS rows go through the text encoder together, as consecutive sections of
-    one `encode_from_tokens` call, which ComfyUI runs as one batched forward pass. Where that
-    layout does not hold (scheduled CLIP hooks, a different chunk count per text encoder) each
-    row is encoded on its own, as ComfyUI's CLIPTextEncode would.
+    For CLIP-only families (SECTION_FAMILIES) up to ROWS_PER_PASS rows go through the text
+    encoders together, as consecutive sections of one `encode_from_tokens` call, which ComfyUI
+    runs as one batched forward pass. Every other family (T5 without padding, attention masks,
+    LLM templates cut after the encode), scheduled CLIP hooks and rows with a different chunk
+    count per text encoder are encoded row by row, as ComfyUI's CLIPTextEncode would.
     """
     step = len(next(iter(rows[0].values())))  # chunks per row
     scheduled = getattr(clip.patcher, "forced_hooks", None) is not None and getattr(clip, "use_clip_schedule", False)
-    if len(rows) == 1 or scheduled or any(len(c) != step for row in rows for c in row.values()):
+    if (len(rows) == 1 or scheduled or frozenset(rows[0]) not in SECTION_FAMILIES
+            or any(len(c) != step for row in rows for c in row.values())):
         return _concat_conditioning([clip.encode_from_tokens_scheduled(row) for row in rows])
     parts = []
     for start in range(0, len(rows), ROWS_PER_PASS):
@@ -228,8 +403,9 @@ def _encode_sections(clip, rows: list[dict], step: int) -> list | None:
     n = len(rows)
     merged = {key: [chunk for row in rows for chunk in row[key]] for key in rows[0]}
     outputs = {}
-    handles = [getattr(clip.cond_stage_model, f"clip_{key}").register_forward_hook(
-        lambda module, args, out, key=key: outputs.__setitem__(key, out)) for key in merged]
+    encoders = text_encoders(clip, merged.keys())
+    handles = [encoders[key].register_forward_hook(lambda module, args, out, key=key: outputs.__setitem__(key, out))
+               for key in merged if encoders[key] is not None]
     try:
         out = clip.encode_from_tokens(merged, return_pooled=True, return_dict=True)
     finally:

@@ -17,6 +17,7 @@ from ..audiotoken_core.data import (AudioImageDataset, PairList, build_train_bat
                                    pairs_from_folder, pairs_from_videos, pairs_from_vggsound_csv)
 from ..audiotoken_core.io import atomic_write
 from ..audiotoken_core.training import TrainConfig, Trainer, latest_checkpoint, new_audiotoken
+from ..audiotoken_core.training.config import OBJECTIVES
 from . import model_folders as mf
 from .audiotoken_nodes import AUDIOTOKEN, CATEGORY, DEFAULT_PLACEHOLDER, ENCODER, schema
 from .comfy_backend import ComfyBackend
@@ -30,6 +31,7 @@ FRAME_CHOICES = ["middle", "random", "best CLIP score"]
 NO_SCORER = "none"
 PRECISIONS = ["fp32", "bf16", "fp16"]
 PROGRESS_EVENT = "audiotoken.train_progress"
+FLUX_GUIDANCE = 3.5  # what ComfyUI's Flux.1-dev conditioning uses (FluxGuidance's default)
 
 
 @dataclass
@@ -136,16 +138,21 @@ class AudioTokenTrain(io.ComfyNode):
             node_id="AudioTokenTrain",
             display_name="Train AudioToken",
             category=CATEGORY,
-            description="Trains a new AudioToken (only the Embedder learns; the checkpoint, CLIP, VAE and audio encoder stay "
-                        "frozen and unchanged) with the paper's loss: denoising + L1 (+ optional classification loss). "
+            description="Trains a new AudioToken (only the Embedder learns; the model, CLIP, VAE and audio encoder stay "
+                        "frozen and unchanged) with the paper's loss: denoising + L1 (+ optional classification loss), "
+                        "or with this pack's cheaper 'text_match' objective (not the paper's: the text encoder's output "
+                        "for the prompt with the sound's label, no images or VAE needed), alone or as a warm start. "
                         "Writes models/audiotoken/<name>.safetensors when training completes, and checkpoints in "
                         "models/audiotoken/<name>_checkpoints that the loader lists and that resume continues. Cancel "
                         "keeps the last completed step as a checkpoint; queue the graph again to continue.",
             search_aliases=["train audiotoken", "audio embedder training"],
             inputs=[
-                io.Model.Input("model", tooltip="MODEL from your checkpoint loader (SD1.x, SD2.x or SDXL)."),
-                io.Clip.Input("clip", tooltip="CLIP from the same checkpoint."),
-                io.Vae.Input("vae", tooltip="VAE from the same checkpoint (encodes the training images)."),
+                io.Model.Input("model", tooltip="MODEL from your checkpoint or diffusion-model loader (SD1.x, SD2.x, "
+                                                "SDXL, SD3.x, Flux.1, Wan 2.x, Qwen-Image...)."),
+                io.Clip.Input("clip", tooltip="CLIP from the same checkpoint, or the text encoder(s) that model uses."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="VAE of that model (encodes the training images). Not needed with objective "
+                                     "'text_match', which uses no images."),
                 ENCODER.Input("audio_encoder", tooltip="The frozen audio encoder (BEATs by default)."),
                 DATASET.Input("dataset", tooltip="From 'AudioToken Training Data'."),
                 io.String.Input("name", default="my_audiotoken",
@@ -178,6 +185,21 @@ class AudioTokenTrain(io.ComfyNode):
                                  tooltip=f"Run the audio encoder and the VAE once per file and keep their outputs in "
                                          f"models/{mf.FEATURE_CACHE_FOLDER}/<dataset> (kept across restarts; delete "
                                          f"the folder to free the space), so later epochs and runs skip them."),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default="diffusion", optional=True,
+                               tooltip="diffusion: the paper's denoising loss on (audio, image) pairs. text_match: NOT the "
+                                       "paper's; makes the text encoder's output for the prompt with the audio word "
+                                       "equal its output with the sound's label written there. Needs labels but no "
+                                       "images, VAE or diffusion model pass: fast, but it learns only what the label "
+                                       "says. Good as a warm start, or to try a large model cheaply."),
+                io.Int.Input("warm_start_steps", default=0, min=0, max=1_000_000, optional=True,
+                             tooltip="With objective 'diffusion': the first this many steps use 'text_match' (counted "
+                                     "in 'steps'; resume continues in the right phase). 0 = off."),
+                io.Float.Input("guidance", default=FLUX_GUIDANCE, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip="Distilled guidance given to models with a guidance input (Flux.1-dev: 3.5, as "
+                                       "FluxGuidance); ignored by other models."),
+                io.Boolean.Input("text_encoder_checkpointing", default=False, optional=True,
+                                 tooltip="Recompute the text encoder's activations in the backward pass: much less "
+                                         "memory for T5-XXL and LLM text encoders, a bit slower."),
             ],
             outputs=[AUDIOTOKEN.Output(display_name="audiotoken", tooltip="The trained AudioToken, ready for the encode node."),
                      io.Image.Output(display_name="loss_curve", tooltip="Loss per step.")],
@@ -195,27 +217,32 @@ class AudioTokenTrain(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, clip, vae, audio_encoder: LoadedEncoder, dataset: TrainingData, name, steps, learning_rate,
+    def execute(cls, model, clip, audio_encoder: LoadedEncoder, dataset: TrainingData, name, steps, learning_rate,
                 batch_size, grad_accum, seed, lambda_l1, lambda_cl, save_every, resume, precision,
-                gradient_checkpointing, cache_features) -> io.NodeOutput:
+                gradient_checkpointing, cache_features, vae=None, objective="diffusion", warm_start_steps=0,
+                guidance=FLUX_GUIDANCE, text_encoder_checkpointing=False) -> io.NodeOutput:
         final, run_dir = _output_paths(name)
         name = os.path.basename(final)[: -len(".safetensors")]
         config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, base_lr=learning_rate, seed=seed,
                              lambda_l1=lambda_l1, lambda_cl=lambda_cl, save_every=save_every, precision=precision,
-                             name=name, placeholder=DEFAULT_PLACEHOLDER, prompt=f"a photo of {DEFAULT_PLACEHOLDER}")
+                             name=name, placeholder=DEFAULT_PLACEHOLDER, prompt=f"a photo of {DEFAULT_PLACEHOLDER}",
+                             objective=objective, warm_start_steps=warm_start_steps)
+        if config.needs_images and vae is None:
+            raise ValueError("The diffusion objective encodes the training images with the VAE: connect the VAE of "
+                             "this model, or set objective 'text_match' (which needs no images).")
         encoder = audio_encoder.encoder
-        with ComfyBackend(model, clip, vae, gradient_checkpointing=gradient_checkpointing) as backend:
+        with ComfyBackend(model, clip, vae, gradient_checkpointing=gradient_checkpointing,
+                          text_encoder_checkpointing=text_encoder_checkpointing, guidance=guidance) as backend:
             mm.load_models_gpu([audio_encoder.patcher])
             device = audio_encoder.patcher.load_device
+            encode_images, image_settings = latent_encoder(backend, vae, model, config)
             batches = build_train_batches(
                 dataset.items, batch_size=batch_size, seed=seed, image_size=dataset.image_size,
                 encode_audio=lambda w: encoder(w.to(device)).float().cpu(),
-                encode_images=lambda x: backend.encode_images(x).float().cpu(),
+                encode_images=encode_images,
                 cache_dir=feature_cache_dir(dataset.name) if cache_features else None,
                 cache_settings={"encoder": audio_encoder.name, "spec": encoder.spec.to_dict(),
-                                "encoder_weights": module_fingerprint(encoder),
-                                "vae_weights": module_fingerprint(vae.first_stage_model),
-                                "latent_format": type(model.model.latent_format).__name__})
+                                "encoder_weights": module_fingerprint(encoder), **image_settings})
             token = new_audiotoken(backend.widths, encoder.spec, seed=seed, placeholder=DEFAULT_PLACEHOLDER,
                                    description=f"trained on '{dataset.name}' ({len(dataset.items)} pairs)")
             trainer = Trainer(config, backend, token, encoder, batches, run_dir, device=device)
@@ -241,6 +268,19 @@ class AudioTokenTrain(io.ComfyNode):
         image = loss_curve_image(losses, title=f"{name}: {summary.step} steps")
         token.eval()
         return io.NodeOutput(LoadedAudioToken(token=token, encoder=audio_encoder, name=os.path.basename(final)), image)
+
+
+def latent_encoder(backend, vae, model, config: TrainConfig):
+    """(encode_images for the data pipeline, what its outputs depend on, for the feature cache's keys).
+
+    A run that never uses the diffusion objective needs no latents: the VAE is not run, and the
+    cache stores an empty latent per image (under settings of their own, so real latents of
+    another run are never mixed in)."""
+    if not config.needs_images:
+        return (lambda images: images.new_zeros(images.shape[0], 0)), {"latents": "none (text_match)"}
+    return (lambda images: backend.encode_images(images).float().cpu()), {
+        "vae_weights": module_fingerprint(vae.first_stage_model),
+        "latent_format": type(model.model.latent_format).__name__}
 
 
 def set_aside_earlier_run(run_dir: str) -> str | None:
@@ -289,7 +329,8 @@ def _send_progress(unique_id, step: int, steps: int, info: dict) -> None:
         return
     if PromptServer.instance is not None:
         PromptServer.instance.send_sync(PROGRESS_EVENT, {"node": unique_id, "step": step, "steps": steps,
-                                                         "loss": info.get("loss"), "diffusion": info.get("diffusion")})
+                                                         "loss": info.get("loss"), "diffusion": info.get("diffusion"),
+                                                         "text_match": info.get("text_match")})
 
 
 NODES = [AudioTokenDataset, AudioTokenTrain]

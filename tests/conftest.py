@@ -40,3 +40,4 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 from comfy_fixtures import comfy  # noqa: E402,F401  (the session's real ComfyUI server)
+from family_fixtures import family_models  # noqa: E402,F401  (Flux/SD3/Wan/Qwen-Image assets for that server)

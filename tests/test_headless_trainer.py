@@ -107,3 +107,104 @@ def test_the_script_finds_comfyui_only_where_it_is_told(assets, tmp_path):
     wrong = _run(args, procs=1, env_extra={"COMFYUI_ROOT": str(tmp_path)})
     assert wrong.returncode != 0 and f"{tmp_path} is not a ComfyUI folder" in wrong.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -- the loader flags of the new families (parsed in process; nothing is loaded) ---------------------
+
+def _parse(argv, capsys):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        script = importlib.import_module("train_audiotoken")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    try:
+        return script.parse_args(argv), None
+    except SystemExit:
+        return None, capsys.readouterr().err
+
+
+def test_loader_flags_are_checked_before_anything_loads(tmp_path, capsys):
+    files = {name: tmp_path / f"{name}.safetensors" for name in ("ckpt", "dit", "clip_l", "t5", "ae")}
+    for path in files.values():
+        path.write_bytes(b"x")
+    base = ["--encoder", "beats.pt", "--data", "d", "--out", "o"]
+    dit = ["--diffusion-model", str(files["dit"]), "--clip-type", "flux",
+           "--text-encoder", str(files["clip_l"]), "--text-encoder", str(files["t5"])]
+
+    args, _ = _parse(base + dit + ["--vae", str(files["ae"]), "--guidance", "3.5", "--text-encoder-checkpointing",
+                                   "--objective", "diffusion", "--warm-start-steps", "100"], capsys)
+    assert args.text_encoder == [files["clip_l"], files["t5"]] and args.clip_type == "flux" and args.guidance == 3.5
+    assert args.text_encoder_checkpointing and args.warm_start_steps == 100 and args.checkpoint is None
+    args, _ = _parse(base + dit + ["--objective", "text_match"], capsys)  # no images: no VAE needed
+    assert args.vae is None and args.objective == "text_match"
+    args, _ = _parse(base + ["--checkpoint", str(files["ckpt"]), "--vae", str(files["ae"])], capsys)
+    assert args.checkpoint == files["ckpt"] and args.guidance is None and args.objective == "diffusion"
+
+    for argv, message in (
+        (base, "name the model: --checkpoint FILE"),
+        (base + ["--checkpoint", str(files["ckpt"])] + dit, "--checkpoint and --diffusion-model both"),
+        (base + ["--checkpoint", str(files["ckpt"]), "--text-encoder", str(files["t5"])],
+         "--text-encoder go with --diffusion-model"),
+        (base + ["--checkpoint", str(files["ckpt"]), "--clip-type", "sd3"], "--clip-type go with --diffusion-model"),
+        (base + ["--diffusion-model", str(files["dit"]), "--clip-type", "flux", "--vae", str(files["ae"])],
+         "needs its text encoder(s)"),
+        (base + ["--diffusion-model", str(files["dit"]), "--text-encoder", str(files["t5"]), "--vae", str(files["ae"])],
+         "needs --clip-type"),
+        (base + dit, "needs --vae: the diffusion objective encodes the training images"),
+        (base + dit + ["--warm-start-steps", "10"], "needs --vae"),  # a warm start still ends in diffusion
+        (base + dit + ["--vae", str(tmp_path / "missing.safetensors")], "--vae " + str(tmp_path / "missing")),
+        (base + dit[:4] + ["--text-encoder", str(files["t5"])] * 5 + ["--vae", str(files["ae"])], "ComfyUI's loaders take 1 to 4"),
+    ):
+        args, err = _parse(argv, capsys)
+        assert args is None and message in err, (argv, err)
+
+
+def test_clip_type_names_follow_comfyui(capsys):
+    import importlib
+    import sys
+
+    from tools.comfy_root import import_comfy
+
+    import_comfy(cpu=True)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        script = importlib.import_module("train_audiotoken")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    import comfy.sd
+
+    assert script.clip_type("flux") is comfy.sd.CLIPType.FLUX and script.clip_type("QWEN_IMAGE") is comfy.sd.CLIPType.QWEN_IMAGE
+    assert script.clip_type("stable_diffusion") is comfy.sd.CLIPType.STABLE_DIFFUSION
+    with pytest.raises(SystemExit, match="--clip-type 'fluxx' is not one this ComfyUI knows; use one of: .*flux"):
+        script.clip_type("fluxx")
+
+
+def test_separate_model_files_train_with_text_match_and_no_vae(assets, tmp_path):
+    """--diffusion-model + --text-encoder + --clip-type, as UNETLoader / CLIPLoader load them (here the two
+    halves of the SD1.5 checkpoint), one text-match step: no VAE is given and no image is encoded."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(assets["ckpt"]))
+    unet = {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    clip_prefix = "cond_stage_model.transformer."
+    clip = {k[len(clip_prefix):]: v for k, v in state.items() if k.startswith(clip_prefix)}
+    del state
+    save_file(unet, str(tmp_path / "unet.safetensors"))
+    save_file(clip, str(tmp_path / "clip_l.safetensors"))
+    del unet, clip
+    args = _args(assets, tmp_path / "out", batch=2, steps=1)
+    assert args[:2] == ["--checkpoint", str(assets["ckpt"])]
+    cache = args.index("--cache-dir")
+    args = args[2:cache] + args[cache + 2:]  # no checkpoint; no feature cache (one step encodes one batch)
+    done = _run(["--comfyui", str(find_comfyui_root()), *args, "--diffusion-model", str(tmp_path / "unet.safetensors"),
+                 "--text-encoder", str(tmp_path / "clip_l.safetensors"), "--clip-type", "stable_diffusion",
+                 "--objective", "text_match"], procs=1)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
+    result = json.loads((tmp_path / "out" / "result-0.json").read_text())
+    assert result["status"] == "completed" and result["step"] == 1
+    token = load_audiotoken(tmp_path / "out" / "tok.safetensors")
+    assert token.widths == {"l": 768} and token.training_info["config"]["objective"] == "text_match"
+    assert "(text_match " in done.stdout

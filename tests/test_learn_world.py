@@ -104,3 +104,78 @@ def test_random_beats_separates_the_sound_classes(tmp_path):
     acc = lw.nearest_centroid_accuracy(x_train, train["class_id"], x_test, test["class_id"])
     print(f"nearest-centroid accuracy on held-out sounds {acc:.3f} ({time.time() - t0:.1f} s)")
     assert acc >= 0.9
+
+
+# --------------------------------------------------------------------------- the flow world
+
+
+@pytest.fixture(scope="module")
+def flow_world(tmp_path_factory):
+    """Built once per session: test_learnability.py finds the trained UNet in the same session cache."""
+    t0 = time.time()
+    w = lw.build_world(seed=0, prediction="flow", cache_dir=flow_world_cache(tmp_path_factory))
+    print(f"\nflow world ready in {time.time() - t0:.1f} s (cached: {w.train_log['cached']})")
+    return w
+
+
+def flow_world_cache(tmp_path_factory):
+    """One folder per test session for the flow world's trained UNet (shared by the test files)."""
+    return tmp_path_factory.getbasetemp() / "learn_world_flow_cache"
+
+
+def test_flow_world_is_comfyui_rectified_flow_and_follows_its_text(flow_world):
+    import comfy.model_sampling
+
+    ms = flow_world.model.model.model_sampling
+    assert flow_world.prediction == "flow"
+    assert isinstance(ms, comfy.model_sampling.CONST) and isinstance(ms, comfy.model_sampling.ModelSamplingDiscreteFlow)
+    assert ms.shift == lw.FLOW_SHIFT == 3.0
+    # the shifted schedule: sigma(t) = 3 t / (1 + 2 t) at t = (i + 1) / 1000
+    t = torch.tensor([0.001, 0.5, 1.0])
+    assert torch.allclose(ms.sigmas[[0, 499, 999]], 3 * t / (1 + 2 * t))
+    acc = flow_world.text_accuracy(seed=HELDOUT_SAMPLE_SEED, per_class=16)
+    ids = list(range(lw.K)) * 2
+    matched = flow_world.denoising_loss(flow_world.context([flow_world.prompt(k) for k in ids]), ids, seed=1,
+                                        target="flow")
+    shuffled = flow_world.denoising_loss(flow_world.context([flow_world.prompt((k + 1) % lw.K) for k in ids]), ids,
+                                         seed=1, target="flow")
+    print(f"flow world text accuracy {acc:.3f}; velocity-MSE matched {matched:.4f} shuffled {shuffled:.4f}")
+    assert acc >= 0.95
+    assert matched < 0.5 * shuffled
+
+
+def test_flow_loss_is_the_velocity_mse_of_the_raw_unet(flow_world):
+    """denoising_loss(target="flow") against an independent computation: x_t = (1 - s) x0 + s eps,
+    velocity target eps - x0, the raw UNet's output at timestep 1000 s."""
+    ids = [0, 1, 2, 3, 2]
+    ctx = flow_world.context([flow_world.prompt(k) for k in ids])
+    got = flow_world.denoising_loss(ctx, ids, seed=4, repeats=1, target="flow")
+    g = torch.Generator().manual_seed(4)
+    t = torch.randint(0, 1000, (len(ids),), generator=g)
+    eps = torch.randn(len(ids), *lw.LATENT_SHAPE, generator=g)
+    s = ((t + 1) / 1000 * 3 / (1 + 2 * (t + 1) / 1000)).view(-1, 1, 1, 1)
+    x0 = lw.class_patterns()[ids]
+    with torch.no_grad():
+        velocity = flow_world.model.model.diffusion_model(((1 - s) * x0 + s * eps), timesteps=1000 * s.flatten(),
+                                                          context=ctx)
+    expected = float(((velocity - (eps - x0)) ** 2).mean())
+    assert got == pytest.approx(expected, rel=1e-4)
+    # eps-MSE of the same prediction: eps_hat - eps = (1 - s)(x0 - x0_hat) / s, x0_hat = x_t - s v
+    x0_hat = (1 - s) * x0 + s * eps - s * velocity
+    eps_expected = float(((((1 - s) / s) * (x0_hat - x0)) ** 2).mean())
+    assert flow_world.denoising_loss(ctx, ids, seed=4, repeats=1, target="eps") == pytest.approx(eps_expected, rel=1e-4)
+
+
+def test_world_prediction_and_target_are_checked():
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        lw.TrainConfig(prediction="x0")
+    with pytest.raises(ValueError, match="contradicts config.prediction"):
+        lw.build_world(prediction="flow", config=lw.TrainConfig(prediction="v"))
+    sigma = torch.tensor([0.5])
+    with pytest.raises(ValueError, match=r"one of \('flow', 'eps', 'x0'\) for a 'flow' model"):
+        lw._target_weight("v", sigma, "flow")
+    with pytest.raises(ValueError, match=r"one of \('eps', 'v', 'x0'\) for a 'v' model"):
+        lw._target_weight("flow", sigma, "v")
+    assert float(lw._target_weight("flow", sigma, "flow")) == 4.0
+    assert float(lw._target_weight("eps", sigma, "flow")) == 1.0
+    assert float(lw._target_weight("v", sigma, "v")) == 5.0

@@ -71,3 +71,31 @@ def test_a_fresh_start_sets_the_earlier_runs_checkpoints_aside(tmp_path):
     assert kept is not None and not run_dir.exists()
     assert sorted(p.name for p in (tmp_path / os.path.basename(kept)).iterdir()) == sorted([token_path.name, state_path.name])
     assert latest_checkpoint(run_dir) is None  # a later resume starts from the new run only
+
+
+def test_objective_inputs_are_optional_and_text_match_needs_no_vae(token_folder):
+    from audiotoken.nodes.train_nodes import FLUX_GUIDANCE, latent_encoder
+    from audiotoken.audiotoken_core.training import TrainConfig
+
+    inputs = {i.id: i for i in AudioTokenTrain.define_schema().inputs}
+    new = ("vae", "objective", "warm_start_steps", "guidance", "text_encoder_checkpointing")
+    assert all(inputs[name].optional for name in new)  # saved workflows without them still load
+    assert list(inputs)[-4:] == list(new[1:])  # appended after the earlier widgets, whose order is kept
+    assert inputs["objective"].options == ["diffusion", "text_match"] and inputs["objective"].default == "diffusion"
+    assert inputs["guidance"].default == FLUX_GUIDANCE == 3.5 and inputs["warm_start_steps"].default == 0
+
+    class NoVAE:
+        def encode_images(self, images):
+            raise AssertionError("a text-match run must not encode images")
+
+    encode, settings = latent_encoder(NoVAE(), None, None, TrainConfig(steps=3, objective="text_match"))
+    assert encode(torch.rand(2, 3, 8, 8)).shape == (2, 0) and settings == {"latents": "none (text_match)"}
+
+    common = dict(model=None, clip=None, audio_encoder=None, dataset=None, name="birds", steps=10, learning_rate=1e-5,
+                  batch_size=1, grad_accum=1, seed=0, lambda_l1=0.01, lambda_cl=0.0, save_every=5, resume=True,
+                  precision="fp32", gradient_checkpointing=False, cache_features=False)
+    for extra in ({}, {"warm_start_steps": 4}):  # the diffusion objective (after a warm start too) needs the VAE
+        with pytest.raises(ValueError, match="connect the VAE of this model, or set objective 'text_match'"):
+            AudioTokenTrain.execute(**common, **extra)
+    with pytest.raises(ValueError, match="warm_start_steps .* must be below steps"):
+        AudioTokenTrain.execute(**common, warm_start_steps=10)

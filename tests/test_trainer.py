@@ -87,6 +87,8 @@ class ToyBackend(nn.Module):
         self.eval()
         self.nan_at_call: int | None = None
         self.calls = 0
+        self.text_match_calls = 0
+        self.image_calls = 0
         self.vector_dtypes: list[torch.dtype] = []
 
     def encode_prompt(self, text, placeholder, vectors):
@@ -121,7 +123,16 @@ class ToyBackend(nn.Module):
         idx = torch.tensor([self.labels[name] for name in labels])
         return {k: table[idx] for k, table in self.label_table.items()}
 
+    def text_match_loss(self, text, placeholder, vectors, labels):
+        """Toy text match: the text encoder's output for the vector vs for the label's table row, [B]."""
+        assert placeholder in text
+        self.text_match_calls += 1
+        targets = self.label_targets(labels)
+        terms = [((self.text[k](vectors[k]) - self.text[k](targets[k])) ** 2).mean(-1) for k in sorted(vectors)]
+        return torch.stack(terms).mean(0)
+
     def encode_images(self, images):
+        self.image_calls += 1
         return F.avg_pool2d(images, 4)[:, : LATENT[0]] * 2 - 1
 
 
@@ -639,3 +650,108 @@ def test_build_and_resume_under_inference_mode_match_the_uninterrupted_run(tmp_p
     state = [t for s in resumed.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     assert state and not any(t.is_inference() for t in state)
     assert same(weights(token), weights(full.token))
+
+
+# --------------------------------------------------------------------------- text match (not the paper's objective)
+
+
+def test_objective_settings_are_validated():
+    assert TrainConfig().objective == "diffusion" and TrainConfig().warm_start_steps == 0  # the paper's by default
+    with pytest.raises(ValueError, match="objective must be one of"):
+        TrainConfig(objective="clip")
+    with pytest.raises(ValueError, match="set it to 0"):
+        TrainConfig(objective="text_match", warm_start_steps=5)
+    with pytest.raises(ValueError, match="must be below steps"):
+        TrainConfig(steps=10, warm_start_steps=10)
+    with pytest.raises(ValueError, match="warm_start_steps must be an int >= 0"):
+        TrainConfig(warm_start_steps=-1)
+    warm = TrainConfig(steps=10, warm_start_steps=4)
+    assert [warm.objective_at(s) for s in (0, 3, 4, 9)] == ["text_match", "text_match", "diffusion", "diffusion"]
+    assert warm.needs_images and not TrainConfig(objective="text_match").needs_images
+    assert TrainConfig.from_dict(warm.to_dict()) == warm
+
+
+def text_batches(num_batches, batch_size, seed=0):
+    """Features and labels only: no latents, no images."""
+    return [{"features": b["features"], "label": b["label"]} for b in make_batches(num_batches, batch_size, seed)]
+
+
+@torch.no_grad()
+def eval_text_match(token, backend, batches):
+    token.eval()
+    losses = [backend.text_match_loss("a photo of <audio>", "<audio>",
+                                      {k: e(b["features"]) for k, e in token.embedders.items()}, b["label"])
+              for b in batches]
+    return float(torch.cat(losses).mean())
+
+
+def test_text_match_alone_learns_without_images_or_the_diffusion_model(tmp_path):
+    backend = ToyBackend()
+    token = make_token(dropout=0.0)
+    held_out = text_batches(4, 8, seed=99)
+    before = eval_text_match(token, backend, held_out)
+    backend.text_match_calls = 0
+    config = cfg(steps=40, batch_size=8, base_lr=1e-2, lambda_l1=0.0, objective="text_match")
+    _, summary = train(config, text_batches(10, 8, seed=1), tmp_path, token=token, backend=backend)
+    assert backend.calls == 0 and backend.image_calls == 0 and backend.text_match_calls == 40
+    after = eval_text_match(token, backend, held_out)
+    assert after < 0.3 * before, (before, after)
+    shuffled = [dict(b, label=b["label"][1:] + b["label"][:1]) for b in held_out]
+    assert after < 0.5 * eval_text_match(token, backend, shuffled)  # the vector says the sound's own label
+    assert all(h["diffusion"] == 0.0 and h["text_match"] > 0 for h in summary.history)
+    first = summary.history[0]
+    assert first["loss"] == pytest.approx(first["text_match"] + 0.0 * first["l1"])
+    assert load_audiotoken(summary.final).training_info["config"]["objective"] == "text_match"
+
+
+def test_text_match_loss_parts_add_up_with_l1_and_cl(tmp_path):
+    data = text_batches(1, 2)
+    token = make_token(dropout=0.0)
+    backend = ToyBackend()
+    with torch.no_grad():
+        vectors = {"l": token.embedders["l"](data[0]["features"])}
+        match = backend.text_match_loss("a photo of <audio>", "<audio>", vectors, data[0]["label"]).mean()
+        cl = classification_loss(vectors, backend.label_targets(data[0]["label"]))
+        l1 = vectors["l"].abs().mean()
+    _, summary = train(cfg(steps=1, objective="text_match", lambda_cl=0.5), data, tmp_path, token=token, backend=backend)
+    h = summary.history[0]
+    assert h["text_match"] == pytest.approx(float(match), rel=1e-5) and h["l1"] == pytest.approx(float(l1), rel=1e-5)
+    assert h["cl"] == pytest.approx(float(cl), rel=1e-5)
+    assert h["loss"] == pytest.approx(float(match + 0.01 * l1 + 0.5 * cl), rel=1e-5)
+
+
+def test_a_backend_without_text_match_is_refused(tmp_path):
+    class DiffusionOnly:
+        widths, prediction = {"l": 8}, "eps"
+
+    with pytest.raises(ValueError, match="needs a backend with text_match_loss; DiffusionOnly"):
+        Trainer(cfg(objective="text_match"), DiffusionOnly(), make_token(), None, text_batches(2, 2), tmp_path)
+    data = [{"features": b["features"]} for b in text_batches(2, 2)]
+    with pytest.raises(ValueError, match="needs the sound's label"):
+        Trainer(cfg(objective="text_match"), ToyBackend(), make_token(), None, data, tmp_path).run()
+
+
+def test_warm_start_switches_at_its_step_and_resumes_across_the_switch(tmp_path):
+    batches = make_batches(3, 2, seed=4)
+    config = cfg(steps=6, warm_start_steps=3, save_every=1, keep_last=0)
+    backend = ToyBackend()
+    random.seed(0)
+    full, summary = train(config, ShuffledBatches(batches), tmp_path / "full", backend=backend)
+    phases = ["text_match" if h["text_match"] > 0 and h["diffusion"] == 0 else
+              "diffusion" if h["diffusion"] > 0 and h["text_match"] == 0 else "?" for h in summary.history]
+    assert phases == ["text_match"] * 3 + ["diffusion"] * 3
+    assert backend.text_match_calls == 3 and backend.calls == 3
+
+    for stop in (2, 4):  # stopped before and after the switch
+        random.seed(0)
+        part = Trainer(config, ToyBackend(), make_token(), None, ShuffledBatches(batches), tmp_path / f"p{stop}")
+        part.run(should_stop=lambda part=part, stop=stop: part.step >= stop)
+        random.seed(999)
+        resumed_backend = ToyBackend()
+        resumed = Trainer(config, resumed_backend, make_token(seed=77), None, ShuffledBatches(batches),
+                          tmp_path / f"p{stop}")
+        assert resumed.resume(tmp_path / f"p{stop}") == stop
+        rest = resumed.run()
+        assert resumed_backend.text_match_calls == max(0, 3 - stop) and resumed_backend.calls == 6 - max(3, stop)
+        assert [h["loss"] for h in rest.history] == [h["loss"] for h in summary.history], stop
+        assert same(weights(resumed.token), weights(full.token)), stop

@@ -8,6 +8,11 @@ training steps). Every workflow must make an image; the import workflow is run t
 note tells a user to (queue, refresh, queue again); the evaluation workflow runs on a small tone set
 without metric models (every metric n/a).
 
+The Flux.1, SD3.5 and Wan workflows run on placeholder models of their family (tools.placeholder_dit): full-size
+text encoders (T5-XXL, umT5-XXL) cannot be built here, so the one documented substitution is that every CLIP the
+workflow's loader gives is taken from the test node `AudioTokenTest_TinyCLIP` of that family instead (ComfyUI's own
+tokenizers and text-encoder classes at tiny depth, real widths); everything else runs as saved, at tiny sizes.
+
 In the browser (marker browser), in the frontend ComfyUI pins and in a newer one: each workflow loads unchanged,
 no two nodes overlap on the canvas or in the Nodes 2.0 (Vue) rendering, and the Missing Models panel names the
 folder of every model file.
@@ -40,14 +45,19 @@ SDXL = "audiotoken_sdxl_audio_to_image"
 TRAIN = "audiotoken_sd15_train_from_folder"
 IMPORT = "audiotoken_import_reference"
 EVALUATE = "audiotoken_sd15_evaluate"
-ALL = [*SD15_SIMPLE, SDXL, TRAIN, IMPORT, EVALUATE]
+# workflow -> the model family its loaders load (tools.placeholder_dit / tools.tiny_text_encoders names)
+FAMILIES = {"audiotoken_flux_audio_to_image": "flux", "audiotoken_sd35_audio_to_image": "sd3",
+            "audiotoken_wan_audio_to_video": "wan"}
+ALL = [*SD15_SIMPLE, SDXL, TRAIN, IMPORT, EVALUATE, *FAMILIES]
 DATASET = "workflow_tones"
 EVAL_SET = "workflow_eval_tones"
 
 # What this machine has, and small sizes; applied to every node of the class.
 COMMON = {"CheckpointLoaderSimple": {"ckpt_name": CKPT}, "AudioTokenEncoderLoader": {"encoder_name": BEATS},
           "AudioTokenLoader": {"audiotoken_name": TOKEN_SD15}, "LoadAudio": {"audio": "dog.mp3"},
-          "KSampler": {"steps": 2}, "EmptyLatentImage": {"width": 64, "height": 64}}
+          "KSampler": {"steps": 2}, "EmptyLatentImage": {"width": 64, "height": 64},
+          "EmptySD3LatentImage": {"width": 64, "height": 64},
+          "EmptyHunyuanLatentVideo": {"width": 64, "height": 64, "length": 5}}
 
 
 def _overrides(**per_class: dict) -> dict:
@@ -158,6 +168,70 @@ def test_sdxl_workflow_conditions_both_text_encoders(comfy, sdxl_and_base_models
     assert diff[..., :768].max() > 1e-4, "the 'l' Embedder's vector did not reach CLIP-L"
     assert diff[..., 768:].max() > 1e-4, "the 'g' Embedder's vector did not reach OpenCLIP-bigG"
     assert (dog["0.pooled"] - cat["0.pooled"]).abs().max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def family_overrides(comfy, family_models):
+    """{family: loader overrides} for the placeholder files of tests/family_fixtures.py. Flux and Wan load the
+    diffusion model and VAE files as they are; SD3.5 loads an all-in-one checkpoint, made here from the placeholder
+    MMDiT and VAE with the key prefixes a checkpoint carries (no text encoders inside, as in Stability's own files)."""
+    from safetensors.torch import save_file
+
+    models = comfy.base / "models"
+    overrides = {family: {"AudioTokenLoader": {"audiotoken_name": family_models[family].token},
+                          "UNETLoader": {"unet_name": family_models[family].unet},
+                          "VAELoader": {"vae_name": family_models[family].vae}} for family in FAMILIES.values()}
+    sd3 = family_models["sd3"]
+    checkpoint = models / "checkpoints" / "sd35_tiny.safetensors"
+    mmdit = load_file(str(models / "diffusion_models" / sd3.unet))
+    state = {f"model.diffusion_model.{k}": v for k, v in mmdit.items()}
+    state.update({f"first_stage_model.{k}": v for k, v in load_file(str(models / "vae" / sd3.vae)).items()})
+    save_file(state, str(checkpoint))
+    overrides["sd3"]["CheckpointLoaderSimple"] = {"ckpt_name": checkpoint.name}
+    yield overrides
+    checkpoint.unlink()  # pytest keeps the last three sessions' folders: do not keep 160 MB each time
+
+
+def _with_tiny_clip(workflow: dict, family: str) -> dict:
+    """The workflow with every CLIP link coming from a new AudioTokenTest_TinyCLIP node of `family`, and the loaders
+    that only gave CLIP (CLIPLoader, DualCLIPLoader, ...) removed; a checkpoint loader keeps its MODEL and VAE."""
+    workflow = json.loads(json.dumps(workflow))
+    tiny_id = workflow["last_node_id"] + 1
+    clip_links = [link for link in workflow["links"] if link[5] == "CLIP"]
+    assert clip_links, "the workflow has no CLIP link to substitute"
+    sources = {link[1] for link in clip_links}
+    for link in clip_links:
+        link[1], link[2] = tiny_id, 0
+    workflow["nodes"] = [n for n in workflow["nodes"]
+                         if not (n["id"] in sources and {o["type"] for o in n["outputs"]} == {"CLIP"})]
+    workflow["nodes"].append({"id": tiny_id, "type": "AudioTokenTest_TinyCLIP", "pos": [0, 0], "size": [1, 1],
+                              "flags": {}, "order": 0, "mode": 0, "inputs": [],
+                              "outputs": [{"name": "CLIP", "type": "CLIP", "links": [link[0] for link in clip_links]}],
+                              "properties": {}, "widgets_values": []})
+    return workflow
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_workflows_validate_and_run(comfy, family_overrides, name):
+    """Each workflow as saved is valid on the server but for its model files; with the family's placeholder files and
+    tiny CLIP it runs to its image (Flux.1, SD3.5) or its animated WEBP of 5 frames (Wan)."""
+    family = FAMILIES[name]
+    workflow = _load(name)
+    _, problems = convert(workflow, comfy.get("/object_info"), _overrides(**family_overrides[family]))
+    text_encoder_loaders = {f"node {n['id']} ({n['type']})" for n in workflow["nodes"]
+                            if n["type"] in ("CLIPLoader", "DualCLIPLoader")}
+    assert {p.split(":")[0] for p in problems} == text_encoder_loaders, problems  # their files are not here
+
+    overrides = _overrides(AudioTokenTest_TinyCLIP={"family": family, "seed": 0}, **family_overrides[family])
+    prompt, problems = convert(_with_tiny_clip(workflow, family), comfy.get("/object_info"), overrides)
+    assert not problems, problems
+    entry = _ok(comfy.run(prompt, timeout=600))
+    images = _images(comfy, entry)
+    assert len(images) == 1, images
+    with Image.open(images[0]) as img:
+        assert img.size == (64, 64)
+        if family == "wan":
+            assert images[0].suffix == ".webp" and img.n_frames == 5  # 5 frames -> 2 latent frames -> 5 again
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +420,7 @@ def _vue_boxes(page, workflow: dict) -> dict[str, list[float]]:
         const ds = {APP}.canvas.ds; ds.scale = 0.8; ds.offset[0] = 40; ds.offset[1] = 80;
         {APP}.canvas.setDirty(true, true); }}""",
             workflow)
-    page.page.wait_for_function(f"(n) => document.querySelectorAll('[data-node-id]').length === n",
+    page.page.wait_for_function("(n) => document.querySelectorAll('[data-node-id]').length === n",
                                 arg=len(workflow["nodes"]), timeout=20_000)
     # our audio previews are drawn (a decoded recording makes them taller), then the widgets settle
     page.page.wait_for_function(f"""() => {APP}.graph._nodes.filter(n => n.audiotokenPreview)
@@ -401,7 +475,7 @@ def test_no_nodes_overlap_in_nodes_2_of_the_newer_frontend(newer_frontend_page):
 @pytest.mark.browser
 def test_missing_models_panel_shows_the_folder_of_every_model_file(newer_frontend_page):
     """Nothing is installed: the Missing Models panel lists every model file under the folder its entry names
-    (checkpoints, audio_encoders, audiotoken), none as "Unknown"."""
+    (checkpoints, diffusion_models, text_encoders, vae, audio_encoders, audiotoken), none as "Unknown"."""
     from test_browser import APP
 
     page = newer_frontend_page

@@ -7,6 +7,7 @@ Used by the proof that AudioToken learns and by the evaluation.
     z = class_latent(k)                        # [4, 8, 8] image class k in MODEL space (after process_latent_in)
     classify_latent(z)                         # nearest class pattern -> k (or [B] for a batch)
     world = build_world(seed=0)                # ~25 s on 2 CPU cores; writes nothing unless cache_dir is given
+    world = build_world(prediction="flow")     # the same world on a rectified-flow model (SD3-style sampling)
     cond = world.encode(world.prompt(k))       # ComfyUI CONDITIONING for "a photo of <WORDS[k]>"
     z = world.sample(cond, seed)               # nodes.common_ksampler, euler/normal, 20 steps, cfg 5
     world.denoising_loss(cond, class_ids, seed)  # eps-MSE on noise/timesteps fixed by seed
@@ -30,6 +31,15 @@ it follow the text:
   * classifier-free-guidance training: 10% of prompts replaced by the empty prompt, so
     sampling with the empty negative and cfg > 1 amplifies the class;
   * AdamW lr 2e-3 with a cosine decay to 0 over 300 steps of batch 32, t uniform.
+
+The flow world (`prediction="flow"`) is the same UNet and CLIP as a rectified-flow model, the
+way ComfyUI runs SD3-style models: `BaseModel(..., model_type=ModelType.FLOW)`, i.e. CONST
+(x_t = (1 - s) x0 + s eps; the net outputs the velocity eps - x0) with ModelSamplingDiscreteFlow
+at SD3's shift 3.0 (FLOW_SHIFT). It is trained with the velocity MSE on the model's own 1000
+sigmas (index t uniform), with the same recipe; like the v-UNet, a velocity net outputs an
+O(1) class signal (-x0) at high noise, so it learns the text. Latents keep the SD1.5 format.
+
+Timesteps: every `t` here is an index 0..999 into the model's own 1000 sigmas (`_sigma_at`).
 """
 from __future__ import annotations
 
@@ -51,6 +61,8 @@ WORDS = ("red", "green", "blue", "yellow")
 SOUND_NAMES = ("low hum", "high beeps", "noise bursts", "rising chirps")
 PROMPT = "a photo of {}"
 LATENT_SHAPE = (4, 8, 8)
+PREDICTIONS = ("v", "eps", "flow")  # the UNet's parameterisation = the world's native loss target
+FLOW_SHIFT = 3.0  # ModelSamplingDiscreteFlow shift of the flow world: ComfyUI's SD3 sampling_settings
 HELDOUT_SEED_OFFSET = 1_000_000  # train instances use seeds below this, held-out ones from it on
 CLIP_WIDTH = 64
 # The small random BEATs the tests use (write_placeholder_beats(path, seed, **BEATS_SMALL)).
@@ -190,7 +202,11 @@ class TrainConfig:
     lr: float = 2e-3  # AdamW, cosine decay to 0
     uncond_prob: float = 0.1  # empty-prompt dropout (classifier-free guidance training)
     model_channels: int = 32
-    prediction: str = "v"  # "v" (the default that learns the text) or "eps" (does not, see module doc)
+    prediction: str = "v"  # "v" (default) or "flow" learn the text; "eps" does not (see module doc)
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"TrainConfig.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
 
 
 def _comfy():
@@ -260,32 +276,60 @@ def _build_unet(comfy, channels: int, prediction: str, seed: int):
         "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
         "transformer_depth_middle": 1,
     }
-    types = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}
+    types = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION,
+             "flow": comfy.model_base.ModelType.FLOW}
     if prediction not in types:
-        raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
-    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(unet_config), model_type=types[prediction])
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    model_config = comfy.supported_models.SD15(unet_config)
+    if prediction == "flow":  # read by ModelSamplingDiscreteFlow when BaseModel builds its model_sampling
+        model_config.sampling_settings = {"shift": FLOW_SHIFT, "multiplier": 1000}
+    model = comfy.model_base.BaseModel(model_config, model_type=types[prediction])
     _init_unet(model.diffusion_model, seed)
     return model
+
+
+def _prediction(base_model) -> str:
+    """"eps", "v" or "flow" from ComfyUI's model type."""
+    names = {"EPS": "eps", "V_PREDICTION": "v", "FLOW": "flow"}
+    name = base_model.model_type.name
+    if name not in names:
+        raise ValueError(f"the world has no loss for ComfyUI model type {name}; it builds {list(names)} models")
+    return names[name]
+
+
+def _sigma_at(base_model, t: Tensor) -> Tensor:
+    """Sigma [B] of timestep indices t (0..999) of the model's own schedule: DDPM sigmas for eps/v,
+    ModelSamplingDiscreteFlow's shifted sigmas (t + 1) / 1000 for flow (never 0, where x_t = x0)."""
+    ms = base_model.model_sampling
+    if _prediction(base_model) == "flow":
+        return ms.sigmas[t.long()]
+    return ms.sigma(t)
 
 
 def _x0_mse(base_model, x0: Tensor, ctx: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample MSE [B] of the denoised prediction (via ComfyUI's BaseModel.apply_model), and sigma [B]."""
     ms = base_model.model_sampling
-    sigma = ms.sigma(t)
+    sigma = _sigma_at(base_model, t)
     xt = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
     den = base_model.apply_model(xt, sigma, c_crossattn=ctx)
     return ((den - x0) ** 2).flatten(1).mean(1), sigma
 
 
-def _target_weight(target: str, sigma: Tensor) -> Tensor:
-    """x0-MSE -> target MSE: eps = (x_t - x0)/s, v = (eps - s x0)/sqrt(1 + s^2) (ComfyUI's sigma space)."""
-    if target == "eps":
-        return sigma ** -2
-    if target == "v":
-        return (1 + sigma ** 2) / sigma ** 2
+def _target_weight(target: str, sigma: Tensor, prediction: str = "v") -> Tensor:
+    """x0-MSE -> target MSE. DDPM models (ComfyUI's sigma space, x_t = x0 + s eps): eps = (x_t - x0)/s,
+    v = (eps - s x0)/sqrt(1 + s^2). Flow models (x_t = (1 - s) x0 + s eps): velocity "flow" =
+    eps - x0 = (x_t - x0)/s, eps = (x_t - (1 - s) x0)/s."""
+    flow = prediction == "flow"
     if target == "x0":
         return torch.ones_like(sigma)
-    raise ValueError(f"target must be 'eps', 'v' or 'x0', got {target!r}")
+    if target == "eps":
+        return ((1 - sigma) / sigma) ** 2 if flow else sigma ** -2
+    if target == "v" and not flow:
+        return (1 + sigma ** 2) / sigma ** 2
+    if target == "flow" and flow:
+        return sigma ** -2
+    allowed = ("flow", "eps", "x0") if flow else ("eps", "v", "x0")
+    raise ValueError(f"target must be one of {allowed} for a {prediction!r} model, got {target!r}")
 
 
 def _as_context(conditioning: Tensor | list) -> Tensor:
@@ -301,7 +345,7 @@ def _as_context(conditioning: Tensor | list) -> Tensor:
 class World:
     """The frozen text-to-image model of the world and its helpers."""
 
-    model: Any  # comfy.model_patcher.ModelPatcher (SD1.5 architecture, v-prediction by default)
+    model: Any  # comfy.model_patcher.ModelPatcher (SD1.5 architecture, v-prediction by default, or flow)
     clip: Any  # comfy.sd.CLIP (CLIP-L architecture, width 64)
     words: tuple[str, ...] = WORDS
     patterns: Tensor = field(default_factory=class_patterns)  # [K, 4, 8, 8] model space
@@ -313,8 +357,8 @@ class World:
 
     @property
     def prediction(self) -> str:
-        """"eps" or "v": the UNet's parameterisation (and the native loss target)."""
-        return "v" if self.model.model.model_type.name == "V_PREDICTION" else "eps"
+        """"eps", "v" or "flow": the UNet's parameterisation (and the native loss target)."""
+        return _prediction(self.model.model)
 
     def prompt(self, k: int) -> str:
         return PROMPT.format(self.words[k])
@@ -353,11 +397,12 @@ class World:
 
     def denoising_loss(self, conditioning: Tensor | list, class_ids: Sequence[int], seed: int = 0,
                        repeats: int = 4, target: str = "eps") -> float:
-        """Mean `target`-MSE ("eps", "v" or "x0") of the class_ids' patterns under `conditioning`.
+        """Mean `target`-MSE of the class_ids' patterns under `conditioning`: "eps", "x0", and the
+        native "v" (v world) or "flow" (velocity, flow world).
 
         `conditioning`: context [B or 1, 77, D], a ComfyUI CONDITIONING (batch B or 1), or a list
         of B CONDITIONINGs. Each item is noised `repeats` times; noise and timesteps (uniform
-        over the 1000 DDPM steps) are fixed by `seed`, so conditionings compare fairly.
+        over the model's 1000 sigmas) are fixed by `seed`, so conditionings compare fairly.
         """
         ctx = _as_context(conditioning)
         ids = torch.as_tensor(list(class_ids), dtype=torch.long)
@@ -371,13 +416,13 @@ class World:
         noise = torch.randn(len(ids), *LATENT_SHAPE, generator=g)
         with torch.no_grad():
             mse, sigma = _x0_mse(self.model.model, self.patterns[ids], ctx.to(torch.float32), t, noise)
-            return float((mse * _target_weight(target, sigma)).mean())
+            return float((mse * _target_weight(target, sigma, self.prediction)).mean())
 
 
 def _train(model, ctx: Tensor, empty: Tensor, patterns: Tensor, config: TrainConfig, seed: int) -> list[float]:
     """Train the UNet on (prompt k -> pattern k) with empty-prompt dropout; returns the losses."""
     g = torch.Generator().manual_seed(seed)
-    target = "v" if config.prediction == "v" else "eps"
+    target = config.prediction  # the native target: eps, v or the flow velocity
     opt = torch.optim.AdamW(model.diffusion_model.parameters(), lr=config.lr, weight_decay=0.0)
     losses = []
     model.train()
@@ -390,7 +435,7 @@ def _train(model, ctx: Tensor, empty: Tensor, patterns: Tensor, config: TrainCon
         drop = torch.rand(config.batch, generator=g) < config.uncond_prob
         c = torch.where(drop.view(-1, 1, 1), empty, ctx[k])
         mse, sigma = _x0_mse(model, patterns[k], c, t, noise)
-        loss = (mse * _target_weight(target, sigma)).mean()
+        loss = (mse * _target_weight(target, sigma, config.prediction)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -401,14 +446,19 @@ def _train(model, ctx: Tensor, empty: Tensor, patterns: Tensor, config: TrainCon
 
 
 def build_world(seed: int = 0, config: TrainConfig | None = None, cfg: float = 5.0,
-                cache_dir: str | Path | None = None) -> World:
+                cache_dir: str | Path | None = None, prediction: str | None = None) -> World:
     """Build the world's CLIP and UNet and train the UNet (deterministic on CPU for a seed and config).
 
+    `prediction` ("v" default, "flow", "eps") is a shorthand for `TrainConfig(prediction=...)`.
     Nothing touches the disk unless `cache_dir` is given: then the trained UNet weights are
     stored there (safetensors keyed by seed, config and version) and reused on later calls.
     """
     comfy, _ = _comfy()
-    config = config or TrainConfig()
+    if config is None:
+        config = TrainConfig() if prediction is None else TrainConfig(prediction=prediction)
+    elif prediction is not None and prediction != config.prediction:
+        raise ValueError(f"build_world(prediction={prediction!r}) contradicts config.prediction="
+                         f"{config.prediction!r}: give one of them")
     clip = _build_clip(comfy, seed * 1000 + 1)
     unet = _build_unet(comfy, config.model_channels, config.prediction, seed * 1000 + 2)
     mm = comfy.model_management
@@ -416,7 +466,8 @@ def build_world(seed: int = 0, config: TrainConfig | None = None, cfg: float = 5
                   clip=clip, cfg=cfg)
     cache = None
     if cache_dir is not None:
-        key = json.dumps({"seed": seed, "config": asdict(config), "version": _VERSION}, sort_keys=True)
+        sampling = {"flow_shift": FLOW_SHIFT} if config.prediction == "flow" else {}
+        key = json.dumps({"seed": seed, "config": asdict(config), "version": _VERSION, **sampling}, sort_keys=True)
         cache = Path(cache_dir) / f"learn_world_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     t0, loaded = time.time(), cache is not None and cache.is_file()
     if loaded:

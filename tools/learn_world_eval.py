@@ -1,6 +1,7 @@
 """The learnability world (tools/learn_world.py) as an evaluation set, with world-specific scorers.
 
     learned = train_world_token(tmp_dir)                  # ~1 min on 2 CPU cores: world + trained AudioToken
+    learned = train_world_token(tmp_dir, prediction="flow", objective="text_match")  # flow world, other objective
     items = write_world_eval_set(folder, per_class=6)     # held-out sounds (.wav) + class pictures (.png)
     generator = world_generator(learned)                  # the pack's ComfyGenerator on the world's models
     scorers = world_scorers(learned)                      # AIC / IIS / AIS / FID models of this world
@@ -116,13 +117,18 @@ class LearnedWorld:
     train_features: Tensor
     heldout_features: Tensor
     seconds: dict = field(default_factory=dict)
+    objective: str = "diffusion"     # the trainer's objective: "diffusion" (the paper's) or "text_match"
 
 
 def train_world_token(tmp_dir: str | Path, steps: int = STEPS, batch: int = BATCH,
-                      world_cache: str | Path | None = None) -> LearnedWorld:
+                      world_cache: str | Path | None = None, prediction: str = "v", objective: str = "diffusion",
+                      world=None) -> LearnedWorld:
     """Build the world and train an AudioToken in it with the real trainer and ComfyUI backend.
 
-    `world_cache`: a folder where build_world keeps the world's trained UNet (tools, not tests).
+    `prediction`: the world's model ("v" or "flow", see learn_world.build_world); `objective`:
+    the trainer's ("diffusion", the paper's, or "text_match"); `world`: an already built world
+    to reuse (its prediction must match). `world_cache`: a folder where build_world keeps the
+    world's trained UNet (tools, not tests).
     """
     from tools.comfy_root import import_pack
     from tools.placeholder_beats import write_placeholder_beats
@@ -135,7 +141,10 @@ def train_world_token(tmp_dir: str | Path, steps: int = STEPS, batch: int = BATC
 
     tmp_dir = Path(tmp_dir)
     t0 = time.perf_counter()
-    world = lw.build_world(seed=0, cache_dir=world_cache)
+    if world is None:
+        world = lw.build_world(seed=0, cache_dir=world_cache, prediction=prediction)
+    elif world.prediction != prediction:
+        raise ValueError(f"the given world is a {world.prediction!r} world but prediction={prediction!r} was asked for")
     t_world = time.perf_counter() - t0
     encoder = load_audio_encoder(write_placeholder_beats(tmp_dir / "beats.pt", seed=0, **lw.BEATS_SMALL))
     train, heldout = lw.paired_data("train", TRAIN_PER_CLASS), lw.paired_data("heldout", HELDOUT_PER_CLASS)
@@ -145,7 +154,7 @@ def train_world_token(tmp_dir: str | Path, steps: int = STEPS, batch: int = BATC
     token = new_audiotoken({"l": lw.CLIP_WIDTH}, encoder.spec, seed=0)
     untrained = new_audiotoken({"l": lw.CLIP_WIDTH}, encoder.spec, seed=0).eval()
     config = TrainConfig(steps=steps, batch_size=batch, base_lr=1e-4, lambda_l1=0.01, seed=0, save_every=10**6,
-                         log_every=10**6)
+                         log_every=10**6, objective=objective)
     data = PairBatches(train_features, train["latents"], train["label"], batch)
     t1 = time.perf_counter()
     with ComfyBackend(world.model, world.clip) as backend:
@@ -153,7 +162,8 @@ def train_world_token(tmp_dir: str | Path, steps: int = STEPS, batch: int = BATC
     token.eval()
     return LearnedWorld(world=world, encoder=encoder, token=token, untrained=untrained, summary=summary, train=train,
                         heldout=heldout, train_features=train_features, heldout_features=heldout_features,
-                        seconds={"world": round(t_world, 1), "training": round(time.perf_counter() - t1, 1)})
+                        seconds={"world": round(t_world, 1), "training": round(time.perf_counter() - t1, 1)},
+                        objective=objective)
 
 
 # --------------------------------------------------------------------------- evaluation set, generator, scorers

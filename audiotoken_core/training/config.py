@@ -5,6 +5,13 @@ decay 1e-2, eps 1e-8, base lr 1e-5 scaled by batch x accumulation x GPUs, consta
 schedule, L1 weight 0.01, 5 s audio windows, the prompt "a photo of <placeholder>",
 a checkpoint every 1000 steps, fp32. The classification loss is off by default
 (``lambda_cl = 0``); the paper's "with CL" setting uses ``lambda_cl = 0.01``.
+
+``objective`` "diffusion" is the paper's (the default); "text_match" is a cheaper signal of
+this pack, NOT the paper's (nodes/text_match.py: match the text encoder's output for the
+prompt with the audio word to its output with the sound's label written there; no diffusion
+model, no VAE, no images). ``warm_start_steps`` > 0 runs that many text-match steps before
+the diffusion objective takes over; the step counter decides the phase, so a resumed run
+continues in the phase it would have been in.
 """
 from __future__ import annotations
 
@@ -13,9 +20,10 @@ from typing import Any, Mapping
 
 from ..config_fields import known_fields
 
-__all__ = ["TrainConfig", "PRECISIONS", "LR_SCHEDULES", "REFERENCE_LAMBDA_CL"]
+__all__ = ["TrainConfig", "PRECISIONS", "LR_SCHEDULES", "OBJECTIVES", "REFERENCE_LAMBDA_CL"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+OBJECTIVES = ("diffusion", "text_match")  # the paper's; this pack's cheaper label match (not the paper's)
 LR_SCHEDULES = ("constant",)
 REFERENCE_LAMBDA_CL = 0.01  # the paper's weight when the classification loss is on
 
@@ -44,6 +52,8 @@ class TrainConfig:
     ``log_every``: interval of the log lines (the loss history records every step).
     ``max_grad_norm``: optional gradient clipping (None = off, as in the reference).
     ``name``: file-name stem of the checkpoints and of the final token.
+    ``objective``: "diffusion" (the paper's) or "text_match" (not the paper's; needs labels, no images).
+    ``warm_start_steps``: with "diffusion", the first this many steps use "text_match" instead.
     """
 
     steps: int = 30000
@@ -67,6 +77,8 @@ class TrainConfig:
     log_every: int = 50
     max_grad_norm: float | None = None
     name: str = "audiotoken"
+    objective: str = "diffusion"
+    warm_start_steps: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -100,10 +112,31 @@ class TrainConfig:
             ("name", isinstance(self.name, str) and bool(self.name) and not self.name.startswith(".")
              and not any(c in self.name for c in '/\\:*?"<>|\0'),
              "a plain file-name stem (no path separators, no leading dot), e.g. 'dog_bark'"),
+            ("objective", self.objective in OBJECTIVES, f"one of {OBJECTIVES}"),
+            ("warm_start_steps", _is_int(self.warm_start_steps) and self.warm_start_steps >= 0, "an int >= 0"),
         ]
         for name, ok, accepts in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be {accepts}, got {getattr(self, name)!r}")
+        if self.warm_start_steps and self.objective != "diffusion":
+            raise ValueError(
+                f"TrainConfig.warm_start_steps ({self.warm_start_steps}) is the number of text-match steps before the "
+                f"diffusion objective; with objective {self.objective!r} set it to 0 (or use objective 'diffusion')")
+        if self.warm_start_steps >= self.steps:
+            raise ValueError(
+                f"TrainConfig.warm_start_steps ({self.warm_start_steps}) must be below steps ({self.steps}), or the "
+                "diffusion objective never runs; for a text-match-only run use objective 'text_match'")
+
+    def objective_at(self, step: int) -> str:
+        """The objective of the optimizer step that starts after ``step`` completed steps."""
+        if self.objective == "diffusion" and step < self.warm_start_steps:
+            return "text_match"
+        return self.objective
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether any step of this run uses the diffusion objective (which needs images or latents)."""
+        return self.objective_at(self.steps - 1) == "diffusion"
 
     # ------------------------------------------------------------------ derived values
     def global_batch(self, world_size: int = 1) -> int:

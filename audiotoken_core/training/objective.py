@@ -4,13 +4,21 @@
          + lambda_l1 * mean |e_audio|                                     (eq. 8)
          + lambda_cl * mean (1 - cos(e_audio, label_target))^2            (eq. 9, optional)
 
-with t ~ U{0..999} (DDPM) and eps ~ N(0, I).
+with t ~ U{0..999} and eps ~ N(0, I). The backend turns t into the model's noise level and
+computes the first term in the model's own target space:
+
+* eps prediction (SD1.x, SDXL): DDPM timestep t, target eps;
+* v prediction (SD2.x 768-v): DDPM timestep t, target v = sqrt(a) eps - sqrt(1 - a) x0;
+* flow (rectified flow: SD3.x, Flux.1, Wan 2.x, Qwen-Image...): u = (t + 1/2) / 1000
+  (``timestep_fraction``), sigma = the model's own percent_to_sigma(1 - u) (its time shift),
+  x_t = (1 - sigma) x0 + sigma eps, target the velocity eps - x0.
 
 Randomness is counter based: the timestep and noise of the sample with global index
 ``i`` come from a ``torch.Generator`` seeded with ``sample_seed(seed, i)``. A batch of 4
 therefore draws exactly what two accumulated batches of 2, or two data-parallel ranks
 with 2 each, draw; and a resumed run draws what the uninterrupted run drew, without
-having to carry generator state around.
+having to carry generator state around. Latents of any rank (video [B, C, T, h, w]) get
+noise of their own shape.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ __all__ = [
     "sample_seed",
     "sample_timesteps_and_noise",
     "per_sample_timesteps_and_noise",
+    "timestep_fraction",
     "l1_penalty",
     "classification_loss",
     "ObjectiveTerms",
@@ -82,6 +91,12 @@ def per_sample_timesteps_and_noise(
         ts.append(t)
         noises.append(noise)
     return torch.cat(ts), torch.cat(noises)
+
+
+def timestep_fraction(timesteps: Tensor, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Tensor:
+    """u = (t + 1/2) / num_timesteps in (0, 1), float64 [B]: the midpoints of num_timesteps equal
+    bins, so a flow model sees noise levels spread over (0, 1) and never exactly 0 or 1."""
+    return (timesteps.detach().to("cpu", torch.float64) + 0.5) / float(num_timesteps)
 
 
 def l1_penalty(vectors: Mapping[str, Tensor]) -> Tensor:

@@ -22,6 +22,10 @@ Why it is built this way:
   weights.
 * ComfyUI runs nodes under ``torch.inference_mode()``; the trainer builds, resumes and
   trains with normal tensors whatever mode its caller is in.
+* Two objectives (``TrainConfig.objective``): the paper's diffusion loss, and "text_match"
+  (the backend's ``text_match_loss``: NOT the paper's; no diffusion model, VAE or images),
+  alone or for the first ``warm_start_steps``. The step counter picks the objective of each
+  step, so resume works across the switch; a step that does not use images never encodes them.
 * Data parallel: when ``torch.distributed`` is initialised the token is wrapped in
   ``DistributedDataParallel`` (rank 0's initial weights, averaged gradients), each rank
   feeds its consecutive slice of the global batch, the lr scales with the world size, and
@@ -66,7 +70,7 @@ from .checkpoint import (
     save_state,
 )
 from .config import TrainConfig
-from .objective import ObjectiveTerms, compute_objective, per_sample_timesteps_and_noise, sample_seed
+from .objective import classification_loss, compute_objective, l1_penalty, per_sample_timesteps_and_noise, sample_seed
 
 __all__ = ["Trainer", "TrainSummary", "TrainingDivergedError", "new_audiotoken"]
 
@@ -77,6 +81,8 @@ _DROPOUT_STREAM = 0x64726F70  # "drop": the stream id of the per-micro-batch RNG
 _RESUME_FIXED = ("batch_size", "grad_accum")
 # Config fields that may change on resume without breaking anything.
 _RESUME_FREE = ("steps", "save_every", "keep_last", "log_every", "name")
+# The loss parts of a step, in the order of the trainer's reduction and of the history entries.
+_PARTS = ("loss", "diffusion", "text_match", "l1", "cl")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -176,8 +182,9 @@ class Trainer:
 
     ``data``: this rank's iterable of batch dicts: ``features`` [B, N, F] (cached encoder
     output) or ``wave16`` [B, T] (then ``audio_encoder`` runs frozen under no_grad);
-    ``latents`` [B, C, h, w] or ``images`` [B, 3, H, W] in [0, 1]; ``label`` list[str]
-    (needed when ``lambda_cl > 0``); optional ``padding_mask`` [B, N] (True = padded).
+    ``latents`` [B, C, h, w] or ``images`` [B, 3, H, W] in [0, 1] (only read by diffusion
+    steps); ``label`` list[str] (needed when ``lambda_cl > 0`` and by text-match steps);
+    optional ``padding_mask`` [B, N] (True = padded).
     ``device``: where the Embedders train (default: where they are); batches are moved there.
     The caller passes a token made for this backend's text encoders and this audio encoder
     (``new_audiotoken(backend.widths, encoder.spec)``) and a frozen backend.
@@ -209,6 +216,9 @@ class Trainer:
         if self.device.type == "cuda" and self._autocast_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             raise ValueError("this GPU does not support bf16: use precision 'fp16' or 'fp32'")
 
+        if config.objective_at(0) == "text_match" and not callable(getattr(backend, "text_match_loss", None)):
+            raise ValueError(f"objective 'text_match' (or warm_start_steps) needs a backend with text_match_loss; "
+                             f"{type(backend).__name__} has none: use objective 'diffusion' with warm_start_steps 0")
         self.lr = config.lr(self.world_size)
         with torch.inference_mode(False):
             _untrack_inference_tensors(token)
@@ -329,23 +339,46 @@ class Trainer:
         with torch.no_grad():
             return self.backend.encode_images(batch["images"].to(self.device))
 
-    def _forward(self, batch: Mapping[str, Any], first_sample: int) -> ObjectiveTerms:
+    @staticmethod
+    def _labels(batch: Mapping[str, Any], why: str) -> list[str]:
+        if "label" not in batch:
+            raise ValueError(f"{why} needs the sound's label: the training batches have no 'label' (give every item a "
+                             "label: subfolder name, labels CSV or the VGGSound class)")
+        return [str(label) for label in batch["label"]]
+
+    def _forward(self, batch: Mapping[str, Any], first_sample: int) -> dict[str, Tensor]:
+        """The loss parts of one micro-batch (``_PARTS``): ``loss`` to backpropagate, the others detached."""
         cfg = self.config
+        objective = cfg.objective_at(self.step)
         with self._autocast():
             features = self._features(batch)
-            latents = self._latents(batch)
             mask = batch.get("padding_mask")
             vectors = self.model(features, padding_mask=None if mask is None else mask.to(self.device))
-            cond = self.backend.encode_prompt(cfg.prompt, cfg.placeholder, vectors)
-            timesteps, noise = per_sample_timesteps_and_noise(latents, cfg.seed, first_sample)
             targets = None
             if cfg.lambda_cl > 0:
                 with torch.no_grad():
-                    targets = {k: v.to(self.device) for k, v in self.backend.label_targets(list(batch["label"])).items()}
-            return compute_objective(
+                    labels = self._labels(batch, "the classification loss (lambda_cl > 0)")
+                    targets = {k: v.to(self.device) for k, v in self.backend.label_targets(labels).items()}
+            if objective == "text_match":
+                labels = self._labels(batch, "the text-match objective")
+                match = self.backend.text_match_loss(cfg.prompt, cfg.placeholder, vectors, labels).float().mean()
+                l1 = l1_penalty(vectors)
+                total = match + float(cfg.lambda_l1) * l1
+                cl = torch.zeros((), device=match.device)
+                if targets is not None:
+                    cl = classification_loss(vectors, targets)
+                    total = total + float(cfg.lambda_cl) * cl
+                return {"loss": total, "diffusion": torch.zeros((), device=match.device), "text_match": match.detach(),
+                        "l1": l1.detach(), "cl": cl.detach()}
+            latents = self._latents(batch)
+            cond = self.backend.encode_prompt(cfg.prompt, cfg.placeholder, vectors)
+            timesteps, noise = per_sample_timesteps_and_noise(latents, cfg.seed, first_sample)
+            terms = compute_objective(
                 self.backend, latents, cond, vectors, timesteps, noise,
                 lambda_l1=cfg.lambda_l1, lambda_cl=cfg.lambda_cl, label_targets=targets,
             )
+            return {"loss": terms.total, "diffusion": terms.diffusion, "text_match": torch.zeros_like(terms.diffusion),
+                    "l1": terms.l1, "cl": terms.cl}
 
     def _diverged(self, step: int, parts: Mapping[str, float], what: str) -> TrainingDivergedError:
         last = self._last_checkpoint
@@ -368,7 +401,7 @@ class Trainer:
     def _train_step(self) -> dict[str, float]:
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(_PARTS), dtype=torch.float64, device=self.device)
         for micro in range(cfg.grad_accum):
             micro_index = self.step * cfg.grad_accum + micro
             batch = self._next_batch()
@@ -377,14 +410,13 @@ class Trainer:
             with self._seeded_rng(sample_seed(cfg.seed, _DROPOUT_STREAM, micro_index, self.rank)), \
                     (self.model.no_sync() if local else contextlib.nullcontext()):
                 terms = self._forward(batch, (micro_index * self.world_size + self.rank) * cfg.batch_size)
-                loss = terms.total / cfg.grad_accum
+                loss = terms["loss"] / cfg.grad_accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            sums += torch.stack([terms.total.detach(), terms.diffusion, terms.l1, terms.cl]).double() / cfg.grad_accum
+            sums += torch.stack([terms[k].detach().to(self.device) for k in _PARTS]).double() / cfg.grad_accum
         if self.distributed:
             dist.all_reduce(sums)
             sums /= self.world_size
-        total, diffusion, l1, cl = sums.tolist()
-        parts = {"loss": total, "diffusion": diffusion, "l1": l1, "cl": cl}
+        parts = dict(zip(_PARTS, sums.tolist()))
         step = self.step + 1
         if not all(math.isfinite(v) for v in parts.values()):
             self.optimizer.zero_grad(set_to_none=True)
@@ -440,7 +472,8 @@ class Trainer:
         """Train until ``config.steps``; returns a :class:`TrainSummary`.
 
         ``progress(step, info)`` is called after every optimizer step (``info``: loss,
-        diffusion, l1, cl, grad_norm, lr, steps). ``should_stop()`` is asked before every
+        diffusion, text_match, l1, cl, grad_norm, lr, steps; the part of the objective a step
+        did not use is 0). ``should_stop()`` is asked before every
         step; when it says True the run saves a checkpoint and returns with status
         "stopped". An exception raised inside a step or by ``progress`` (Ctrl-C, ComfyUI's
         Cancel) saves the last completed step and is re-raised. Checkpoints are written
@@ -475,9 +508,9 @@ class Trainer:
                             raise
                     if self.step % cfg.log_every == 0 and self.rank == 0:
                         log.info(
-                            "step %d/%d loss %.5f (diffusion %.5f, l1 %.5f, cl %.5f) lr %.3g",
-                            self.step, cfg.steps, entry["loss"], entry["diffusion"], entry["l1"], entry["cl"],
-                            entry["lr"],
+                            "step %d/%d loss %.5f (diffusion %.5f, text_match %.5f, l1 %.5f, cl %.5f) lr %.3g",
+                            self.step, cfg.steps, entry["loss"], entry["diffusion"], entry["text_match"], entry["l1"],
+                            entry["cl"], entry["lr"],
                         )
                     if cfg.save_every and self.step % cfg.save_every == 0:
                         self.save_checkpoint()

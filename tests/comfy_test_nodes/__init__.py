@@ -51,3 +51,58 @@ class SaveStringForTest:
 
 
 NODE_CLASS_MAPPINGS["AudioTokenTest_SaveString"] = SaveStringForTest
+
+
+def _repo_tools():
+    """The repository's `tools` package (tiny models for tests); this folder is tests/comfy_test_nodes."""
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parent.parent.parent)
+    if repo not in sys.path:
+        sys.path.append(repo)  # appended: ComfyUI's own `nodes` module must keep priority over the repo's nodes/
+    import tools.placeholder_dit
+    import tools.tiny_text_encoders
+
+    return tools
+
+
+class TinyClipForTest:
+    """A tiny in-process CLIP of a newer family (real tokenizer and TE classes, 1-4 layers):
+    full-size text encoders (T5-XXL, Qwen2.5-7B) cannot be built in tests."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        families = list(_repo_tools().tiny_text_encoders.TINY_FAMILIES)
+        return {"required": {"family": (families,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, family, seed):
+        return (_repo_tools().tiny_text_encoders.tiny_clip(family, seed),)
+
+
+class TinyModelForTest:
+    """A tiny in-process diffusion model of a family whose detectable file would not fit a tiny
+    text encoder (Qwen-Image detection fixes a 3584-wide text input); pooled_dim 0 = none."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        families = sorted(_repo_tools().placeholder_dit.FAMILY_CLASSES)
+        return {"required": {"family": (families,),
+                             "context_dim": ("INT", {"default": 4096, "min": 1, "max": 16384}),
+                             "pooled_dim": ("INT", {"default": 0, "min": 0, "max": 16384}),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, family, context_dim, pooled_dim, seed):
+        return (_repo_tools().placeholder_dit.tiny_model(family, context_dim, pooled_dim or None, seed),)
+
+
+NODE_CLASS_MAPPINGS["AudioTokenTest_TinyCLIP"] = TinyClipForTest
+NODE_CLASS_MAPPINGS["AudioTokenTest_TinyModel"] = TinyModelForTest
