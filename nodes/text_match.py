@@ -39,6 +39,8 @@ output, e.g. when the label is one token and v_k is that token's input embedding
 from __future__ import annotations
 
 import re
+import weakref
+from collections import OrderedDict
 
 import torch
 import comfy.sd1_clip
@@ -221,6 +223,31 @@ def _check_rows(outputs: dict, ids: dict[str, list], what: str) -> None:
                                  f"of the {what}; text match cannot align them")
 
 
+# clip -> {(text, placeholder, label): (alignments, target outputs)}: the frozen text encoders give
+# the labelled prompt the same outputs every step, so each is encoded once (the LRU bounds memory).
+_LABEL_TARGETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LABEL_TARGETS_SIZE = 64
+
+
+def _label_target(clip, text: str, placeholder: str, label: str, ids: dict, ids_a: dict) -> tuple[dict, dict]:
+    """The row alignment and the (no-grad) stream outputs of `text` with `label` in the placeholder's place."""
+    cache = _LABEL_TARGETS.setdefault(clip, OrderedDict())
+    key = (text, placeholder, label)
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    label_text = _escape_label(label)
+    lengths = label_lengths(clip, placeholder, label_text)
+    labelled, alignments = _labelled(clip, text, placeholder, label_text, ids_a, lengths)
+    with torch.no_grad():
+        target = encode_streams(clip, labelled, ids)
+    _check_rows(target, {k: _token_ids(labelled[k]) for k in ids}, f"prompt with the label '{label}'")
+    cache[key] = alignments, target
+    while len(cache) > _LABEL_TARGETS_SIZE:
+        cache.popitem(last=False)
+    return cache[key]
+
+
 def text_match_loss(clip, prompt_tokens: tuple[dict, dict], text: str, placeholder: str,
                     vectors: dict[str, torch.Tensor], labels: list[str]) -> torch.Tensor:
     """Per-sample text-match loss [B] (see the module docstring), differentiable w.r.t. `vectors`.
@@ -234,20 +261,15 @@ def text_match_loss(clip, prompt_tokens: tuple[dict, dict], text: str, placehold
     if len(labels) != batch:
         raise TextMatchError(f"text match needs one label per sample: got {len(labels)} labels for {batch} samples")
     ids_a = {key: _token_ids(tokens[key], ids[key]) for key in ids}
+    scales = embedding_scales(clip, ids)
     losses = []
     for row, label in enumerate(labels):
         if not str(label).strip():
             raise TextMatchError("text match needs the sound's label: a training item has an empty label; give "
                                  "every item a label (subfolder name or labels CSV)")
-        label_text = _escape_label(label)
-        lengths = label_lengths(clip, placeholder, label_text)
-        labelled, alignments = _labelled(clip, text, placeholder, label_text, ids_a, lengths)
-        with torch.no_grad():
-            target = encode_streams(clip, labelled, ids)
-        audio = encode_streams(clip, _put_vectors(tokens, ids, {k: v[row] for k, v in vectors.items()},
-                                                  embedding_scales(clip, ids)), ids)
+        alignments, target = _label_target(clip, text, placeholder, str(label), ids, ids_a)
+        audio = encode_streams(clip, _put_vectors(tokens, ids, {k: v[row] for k, v in vectors.items()}, scales), ids)
         _check_rows(audio, ids_a, "prompt with the audio word")
-        _check_rows(target, {key: _token_ids(labelled[key]) for key in ids}, f"prompt with the label '{label}'")
         losses.append(sample_loss(audio, target, alignments))
     device = next(iter(vectors.values())).device
     return torch.stack([loss.to(device) for loss in losses])
