@@ -1,4 +1,5 @@
-"""The evaluation node: the paper's table (AIC, FID, AIS, IIS) for an AudioToken on an evaluation set."""
+"""Evaluation nodes: the paper's table (AIC, FID, AIS, IIS) for an AudioToken on an evaluation set, and
+AV-Align (TempoTokens' audio onset / video motion peak IoU) for a frame sequence and its sound."""
 from __future__ import annotations
 
 import os
@@ -9,11 +10,12 @@ import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io
 
+from ..audiotoken_core.evaluation.av_align import av_align
 from ..audiotoken_core.evaluation.contact_sheet import as_tensor
 from ..audiotoken_core.evaluation.eval_set import load_eval_set
 from ..audiotoken_core.evaluation.runner import EvalProtocol
 from . import model_folders as mf
-from .audiotoken_nodes import AUDIOTOKEN, CATEGORY, DEFAULT_PLACEHOLDER, DEFAULT_PROMPT, schema
+from .audiotoken_nodes import AUDIOTOKEN, CATEGORY, DEFAULT_PLACEHOLDER, DEFAULT_PROMPT, VIDEO_CATEGORY, schema
 from .eval_generator import ComfyGenerator, evaluate, load_scorers
 from .runtime import LoadedAudioToken
 from .splice import check_prompt
@@ -151,7 +153,42 @@ class AudioTokenEvaluate(io.ComfyNode):
         return io.NodeOutput(table, as_tensor(sheet), ui={"text": [table]})
 
 
-NODES = [AudioTokenEvaluate]
+class AudioTokenAVAlign(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="AudioTokenAVAlign",
+            display_name="AudioToken AV-Align",
+            category=VIDEO_CATEGORY,
+            description="AV-Align (TempoTokens): how well the frames' motion follows the sound. Audio peaks are the "
+                        "onsets of the track, video peaks the local maxima of the frames' mean optical-flow magnitude; "
+                        "an audio peak within one frame of a video peak is a match; score = matches / (audio peaks + "
+                        "video peaks - matches), 0..1 (1: every sound event has its motion and vice versa). The audio "
+                        "must start with the first frame (e.g. the Timeline node's audio output).",
+            search_aliases=["av-align", "av align", "audio video alignment", "sync score", "onset motion iou",
+                            "tempotokens"],
+            inputs=[
+                io.Image.Input("images", tooltip="The video's frames as one IMAGE batch [frames, height, width, 3], "
+                                                 "in playing order (at least 3)."),
+                io.Audio.Input("audio", tooltip="The sound the frames show, starting with the first frame (e.g. the "
+                                                "Timeline node's audio output); audio after the last frame is ignored."),
+                io.Float.Input("fps", default=12.0, min=1.0, max=120.0, step=0.001,
+                               tooltip="The frames' rate (frames per second): frame i plays at i / fps seconds."),
+            ],
+            outputs=[io.Float.Output(display_name="score", tooltip="AV-Align, 0..1 (higher: motion follows the sound)."),
+                     io.String.Output(display_name="report",
+                                      tooltip="The score, the audio and video peaks found (seconds) and the matches.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images, audio, fps) -> io.NodeOutput:
+        result = av_align(images, fps, audio["waveform"], audio["sample_rate"])
+        report = result.summary()
+        return io.NodeOutput(result.score, report, ui={"text": [report]})
+
+
+NODES = [AudioTokenEvaluate, AudioTokenAVAlign]
 
 
 def _choice_problem(prompt, placeholder, clip_folder, wav2clip, inception) -> str | None:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import comfy.model_management as mm
 import comfy.model_patcher
+import torch
 
 from ..audiotoken_core.audio import prepare_waveform, window_count
 from ..audiotoken_core.embedding import AudioEmbedding
@@ -84,7 +83,10 @@ class LoadedAudioToken:
         wave16 = torch.stack(waves, dim=1).flatten(0, 1)  # [B * count, T], clip-major
         return self._embed(wave16, f"{self.name} windows {window_seconds:g}s/{hop_seconds:g}s x{count}"), starts
 
-    def _embed(self, wave16: torch.Tensor, source: str) -> AudioEmbedding:
+    def embed_wave16(self, wave16: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[N, T16] 16 kHz mono windows -> {text-encoder key: [N, D]} CPU float32, ENCODE_BATCH at a time.
+
+        The embed_fn of `timeline.build_timeline`."""
         mm.load_models_gpu([self.encoder.patcher, self.patcher])
         device = self.patcher.load_device
         parts = []
@@ -92,5 +94,7 @@ class LoadedAudioToken:
             for chunk in wave16.split(ENCODE_BATCH):
                 features = self.encoder.encoder(chunk.to(device))
                 parts.append(self.token.embed(features))
-        vectors = {k: torch.cat([p.vectors[k] for p in parts]).float().cpu() for k in parts[0].vectors}
-        return AudioEmbedding(vectors=vectors, source=source)
+        return {k: torch.cat([p.vectors[k] for p in parts]).float().cpu() for k in parts[0].vectors}
+
+    def _embed(self, wave16: torch.Tensor, source: str) -> AudioEmbedding:
+        return AudioEmbedding(vectors=self.embed_wave16(wave16), source=source)

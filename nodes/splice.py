@@ -14,9 +14,12 @@ Prompt weights: CLIP, T5, Gemma-2 (Lumina 2) and Llama (HunyuanVideo, HiDream) t
 `(word:1.2)` weights; ComfyUI's Qwen-Image and Z-Image tokenizers ignore prompt weights (they
 tokenize the whole templated text with weight 1, the weight syntax stays as plain text).
 
-A batch of rows (one per clip or window) goes through the text encoders together, as
-consecutive prompt sections of one ComfyUI encode, only for CLIP-only families (SD1.x, SD2.x,
-SDXL) where tests prove it equals the per-row encode; every other family is encoded row by row.
+A batch of rows (one per clip, window or video frame) goes through the text encoders together,
+as consecutive prompt sections of one ComfyUI encode, for the families where tests prove it
+equals the per-row encode: SD1.x, SD2.x, SDXL (fixed 77-token CLIP chunks), Flux.1 and T5-only
+Chroma / PixArt (T5 without attention masks; the rows of one prompt have the same length);
+every other family is encoded row by row. Identical rows (same vectors and weight, e.g. a held
+onset segment) are encoded once and gathered.
 """
 from __future__ import annotations
 
@@ -42,9 +45,13 @@ FAMILY_NAMES = {
     frozenset({"gemma2_2b"}): "Lumina 2",
     frozenset({"g", "l", "t5xxl", "llama"}): "HiDream",
 }
-# Families whose rows may share one encode as prompt sections (CLIP only: fixed 77-token
-# chunks, no attention masks, no templates); tests/test_splice.py proves the equality.
-SECTION_FAMILIES = (frozenset({"l"}), frozenset({"h"}), frozenset({"g", "l"}))
+# Families whose rows may share one encode as prompt sections: no attention masks, no templates,
+# and every row of one prompt has the same token count (CLIP's fixed 77-token chunks; T5 padded
+# to 256 for Flux.1, unpadded for Chroma / PixArt, whose rows differ only in the vector).
+# ComfyUI batches the sections in one forward pass; tests/test_splice.py and
+# tests/test_families_encode.py prove the equality with the per-row encode.
+SECTION_FAMILIES = (frozenset({"l"}), frozenset({"h"}), frozenset({"g", "l"}), frozenset({"l", "t5xxl"}),
+                    frozenset({"t5xxl"}))
 
 # Prompt rows per text-encoder pass: bounds activation memory when long audio gives hundreds of rows.
 ROWS_PER_PASS = 64
@@ -311,7 +318,7 @@ def embedding_scales(clip, ids: dict[str, int]) -> dict[str, float]:
 
 
 def _put_vectors(tokens: dict, ids: dict[str, int], vectors: dict[str, torch.Tensor],
-                 scales: dict[str, float]) -> dict:
+                 scales: dict[str, float], weight_factor: float = 1.0) -> dict:
     """Replace each stand-in entry by the vector of its text encoder, keeping weight and word id.
     Keys without a vector or stand-in (encoders the CLIP does not use) stay as tokenized.
 
@@ -319,10 +326,11 @@ def _put_vectors(tokens: dict, ids: dict[str, int], vectors: dict[str, torch.Ten
     bare tensor): family code that compares entries with token ids (HunyuanVideo's template cut
     `tok_pairs[i][0] == 271`) then compares a dict, never a tensor. `scales`: `embedding_scales`
     of the CLIP (each vector is a word-embedding row; it gets the factor the encoder gives its rows).
+    `weight_factor` multiplies the vector entries' prompt weight ((<audio>:1.2) x 1.5 -> 1.8).
     """
     vectors = {k: v * scales[k] if scales.get(k, 1.0) != 1.0 else v for k, v in vectors.items()}
     return {
-        key: [[(vector_entry(vectors[key]), weight, *rest) if _is_token_id(t) and int(t) == ids[key] else (t, weight, *rest)
+        key: [[(vector_entry(vectors[key]), weight * weight_factor, *rest) if _is_token_id(t) and int(t) == ids[key] else (t, weight, *rest)
                for t, weight, *rest in chunk] for chunk in chunks]
         if key in ids and key in vectors else chunks
         for key, chunks in tokens.items()
@@ -359,24 +367,59 @@ def check_vector_widths(vectors: dict[str, torch.Tensor], widths: dict[str, int]
             )
 
 
-def encode_with_vectors(clip, text: str, placeholder: str, vectors: dict[str, torch.Tensor], what: str) -> list:
-    """CONDITIONING for a batch: row b uses `vectors[key][b]` ([B, D] each, one B for all keys)."""
+def encode_with_vectors(clip, text: str, placeholder: str, vectors: dict[str, torch.Tensor], what: str,
+                        row_weights: torch.Tensor | None = None) -> list:
+    """CONDITIONING for a batch: row b uses `vectors[key][b]` ([B, D] each, one B for all keys).
+
+    `row_weights` [B] (optional) multiplies the audio word's own prompt weight in row b, applied
+    the way ComfyUI applies token weights. Rows with equal vectors and weight are encoded once
+    (a timeline holds one vector over a whole segment) and copied into place.
+    """
     widths = clip_widths(clip)
     tokens, ids = _stand_in_tokens(clip, text, placeholder, widths.keys())
     check_vector_widths(vectors, widths, what, tokens.keys())
     batch = int(next(iter(vectors.values())).shape[0])
+    factors = _row_weights(row_weights, batch, what)
     scales = embedding_scales(clip, ids)
-    rows = [_put_vectors(tokens, ids, {k: vectors[k][b] for k in widths}, scales) for b in range(batch)]
-    return encode_token_rows(clip, rows)
+    seen, order, distinct = {}, [], []  # content -> its distinct index; each row's; the first row of each
+    for b in range(batch):
+        content = (factors[b], *(vectors[k][b].detach().cpu().float().numpy().tobytes() for k in sorted(widths)))
+        if content not in seen:
+            seen[content] = len(distinct)
+            distinct.append(b)
+        order.append(seen[content])
+    rows = [_put_vectors(tokens, ids, {k: vectors[k][b] for k in widths}, scales, factors[b]) for b in distinct]
+    conditioning = encode_token_rows(clip, rows)
+    if len(distinct) == batch:
+        return conditioning
+    return _gather_rows(conditioning, torch.tensor(order), len(distinct))
+
+
+def _row_weights(row_weights, batch: int, what: str) -> list[float]:
+    if row_weights is None:
+        return [1.0] * batch
+    weights = torch.as_tensor(row_weights, dtype=torch.float64).flatten()
+    if weights.numel() != batch:
+        raise PromptError(f"{what} has {batch} rows but {weights.numel()} row weights: give one weight per row.")
+    if not bool(torch.isfinite(weights).all()):
+        raise PromptError(f"{what} has a row weight that is not a finite number: give finite weights (1 = plain).")
+    return [float(w) for w in weights]
+
+
+def _gather_rows(conditioning: list, order: torch.Tensor, distinct: int) -> list:
+    """Each entry's tensors with one row per distinct prompt row, spread to one row per input row."""
+    def spread(value):
+        return value[order.to(value.device)] if torch.is_tensor(value) and value.shape[:1] == (distinct,) else value
+    return [[spread(cond), {name: spread(value) for name, value in extras.items()}] for cond, extras in conditioning]
 
 
 def encode_token_rows(clip, rows: list[dict]) -> list:
     """CONDITIONING with one batch row per token dict of `rows` (each as from `clip.tokenize`).
 
-    For CLIP-only families (SECTION_FAMILIES) up to ROWS_PER_PASS rows go through the text
+    For SECTION_FAMILIES up to ROWS_PER_PASS rows go through the text
     encoders together, as consecutive sections of one `encode_from_tokens` call, which ComfyUI
-    runs as one batched forward pass. Every other family (T5 without padding, attention masks,
-    LLM templates cut after the encode), scheduled CLIP hooks and rows with a different chunk
+    runs as one batched forward pass. Every other family (attention masks, LLM templates cut
+    after the encode), scheduled CLIP hooks and rows with a different chunk
     count per text encoder are encoded row by row, as ComfyUI's CLIPTextEncode would.
     """
     step = len(next(iter(rows[0].values())))  # chunks per row

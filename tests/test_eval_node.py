@@ -254,3 +254,31 @@ def test_patches_digest_keys_on_the_patch_weights_and_strengths():
                patches_digest(with_lora(1.0, scale=2.0))}
     assert len(digests) == 4  # no patch, two strengths, other LoRA weights under the same key: all differ
     assert patches_digest(None) == "none"
+
+
+def test_av_align_node_scores_frames_against_their_audio():
+    """AudioTokenAVAlign in-process: the schema, and execute on the click track of tests/test_av_align.py."""
+    from tools.comfy_root import import_pack
+
+    import_pack()
+    from audiotoken.audiotoken_core.evaluation.av_align import AVAlignError
+    from audiotoken.nodes.eval_nodes import NODES, AudioTokenAVAlign
+    from test_av_align import CLICK_FRAMES, CLICK_TIMES, FPS, click_track, flash_frames
+
+    assert AudioTokenAVAlign in NODES
+    schema = AudioTokenAVAlign.define_schema()
+    assert schema.display_name == "AudioToken AV-Align" and schema.category == "audio/AudioToken/video"
+    assert [i.id for i in schema.inputs] == ["images", "audio", "fps"] and all(i.tooltip for i in schema.inputs)
+    assert [o.display_name for o in schema.outputs] == ["score", "report"] and all(o.tooltip for o in schema.outputs)
+    assert len(schema.description) > 80
+    audio = {"waveform": click_track(CLICK_TIMES, 4.0)[None], "sample_rate": 16000}
+    out = AudioTokenAVAlign.execute(images=flash_frames(CLICK_FRAMES), audio=audio, fps=FPS)
+    score, report = out.result
+    assert score == 1.0 and "8 matches / (8 audio peaks + 8 video peaks - 8)" in report
+    assert out.ui == {"text": [report]} and "0.25, 0.75" in report
+    shifted, _ = AudioTokenAVAlign.execute(images=flash_frames([i + 3 for i in CLICK_FRAMES]), audio=audio,
+                                           fps=FPS).result
+    assert shifted == 0.0
+    two = {"waveform": audio["waveform"].expand(2, 1, -1), "sample_rate": 16000}
+    with pytest.raises(AVAlignError, match="holds 2 recordings"):
+        AudioTokenAVAlign.execute(images=flash_frames(CLICK_FRAMES), audio=two, fps=FPS)

@@ -303,3 +303,40 @@ def test_standard_scorers_pick_models_and_explain_what_is_missing(eval_folder, t
     assert "text tower" in only_vision.unavailable()["AIC"]
     ok = standard_scorers(hf_clip=FakeHFClip(vit_b32=True), wav2clip=wav2clip)
     assert "AIS" not in ok.unavailable() and ok.names["AIS"].startswith("Wav2CLIP")
+
+
+def test_runner_scores_given_videos_with_av_align(eval_folder, tmp_path):
+    """Videos given to the runner get AV-Align in the results (json and Markdown); the image table is unchanged."""
+    from test_av_align import (
+        CLICK_FRAMES,
+        CLICK_TIMES,
+        FPS,
+        click_track,
+        flash_frames,
+        rgb,
+        texture,
+    )
+
+    from audiotoken_core.evaluation.runner import VideoItem
+
+    clicks = click_track(CLICK_TIMES, 4.0)
+    videos = [VideoItem("on the clicks", flash_frames(CLICK_FRAMES), clicks, 16000, FPS),
+              VideoItem("every other click", flash_frames(CLICK_FRAMES[::2]), clicks, 16000, FPS),
+              VideoItem("still and silent", rgb([texture(16)] * 4), torch.zeros(1, 8000), 16000, FPS)]
+    out = tmp_path / "out"
+    items = load_eval_set(eval_folder)
+    results = EvalRunner(items, FakeGenerator(), full_scorers(), out, videos=videos).run()
+    rows = results.av_align["videos"]
+    assert [r["name"] for r in rows] == [v.name for v in videos]
+    assert rows[0]["score"] == 1.0 and rows[0]["matches"] == 8 and rows[0]["video_peaks"] == 8
+    assert rows[1]["score"] == pytest.approx(0.5) and rows[1]["audio_peaks"] == 8 and rows[1]["video_peaks"] == 4
+    assert rows[2]["score"] is None and "0 / 0" in rows[2]["error"]
+    assert results.av_align["mean"] == pytest.approx(0.75) and results.av_align["scored"] == 2
+    assert results.table["audiotoken"]["IIS"] == pytest.approx(100)  # the image metrics as without videos
+    md = (out / "results.md").read_text()
+    assert "- AV-Align ↑ (audio onsets vs video motion peaks, IoU): 0.750, mean of 2 of 3 videos" in md
+    assert "- AV-Align of still and silent: failed, AV-Align is undefined" in md
+    assert json.loads((out / "results.json").read_text())["av_align"]["videos"][1]["score"] == pytest.approx(0.5)
+    # without videos there is no AV-Align entry
+    plain = EvalRunner(items, FakeGenerator(), full_scorers(), out).run()
+    assert plain.av_align == {} and "AV-Align" not in plain.markdown()

@@ -324,3 +324,34 @@ def test_vectors_get_the_factor_the_encoder_gives_its_word_rows(monkeypatch):
     monkeypatch.setattr(table, "forward", lambda *a, **k: lookup(table, *a, **k) + 1.0, raising=False)
     with pytest.raises(splice.PromptError, match="t5xxl"):
         splice.embedding_scales(clip, ids)
+
+
+# -- batched passes for T5 families ----------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["flux", "chroma"])
+@pytest.mark.parametrize("text", [TEXT, f"a ({PH}:1.3) and a dog"])
+def test_t5_family_rows_share_one_pass_equal_to_row_by_row(family, text):
+    """Flux.1 (CLIP-L + T5 padded to 256) and Chroma (T5, unpadded, no attention mask): the rows of
+    one prompt have equal token counts, so ComfyUI encodes them as sections of one batched pass;
+    each row equals its own encode (ComfyUI's plain encode of that row's spliced tokens)."""
+    clip = tiny_clip(family)
+    vectors = vectors_for(family, batch=3, seed=13)
+    factors = torch.tensor([1.0, 1.4, 0.7])
+    passes = Counter()
+    hooks = [encoder.register_forward_hook(lambda *_, key=key: passes.update([key]))
+             for key, encoder in text_encoders(clip).items()]
+    try:
+        got = outputs(splice.encode_with_vectors(clip, text, PH, vectors, "test", row_weights=factors))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert dict(passes) == {key: 1 for key in FAMILIES[family][1]}
+    tokens, ids = splice._stand_in_tokens(clip, text, PH)
+    scales = splice.embedding_scales(clip, ids)
+    for b in range(3):
+        row = splice._put_vectors(tokens, ids, {k: v[b] for k, v in vectors.items()}, scales, float(factors[b]))
+        want = outputs(clip.encode_from_tokens_scheduled(row))
+        # fp32 rounding only: ComfyUI's own encode of ONE prompt as 1 row vs 2 sections differs by
+        # up to 1.7e-5 on these 4096-wide T5 outputs (|x| up to about 4): batched matmuls round differently.
+        assert_same({k: v[b:b + 1] for k, v in got.items()}, want, atol=5e-5)
+    assert not torch.allclose(got["cond"][0], got["cond"][1], atol=1e-4)

@@ -506,3 +506,63 @@ def test_prompt_using_rare_words_is_left_alone(clips, ref_clips, family):
         assert ids == [int(t) for t, _ in own[key][0] if int(t) not in specials]
         assert len(ids) == 7  # sks ohwx photo of , sks style: the prompt's own words are all there
         assert len(vector_entries(tokens, key)) == 1
+
+
+# -- 5. per-row weights and identical rows (video frames) ------------------------------------
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_row_weight_multiplies_the_audio_word_weight(clips, family):
+    """Row weight 1.5 on '(<audio>:1.2)' encodes as '(<audio>:1.8)' would, row by row."""
+    clip = clips[family]
+    vectors = random_vectors(family, batch=3, seed=5)
+    factors = torch.tensor([1.5, 1.0, 0.5])
+    got = splice.encode_with_vectors(clip, f"a ({PH}:1.2) at dawn", PH, vectors, "test", row_weights=factors)
+    cond, pooled = cond_and_pooled(got)
+    for b, written in enumerate(("1.8", "1.2", "0.6")):
+        want = splice.encode_with_vectors(clip, f"a ({PH}:{written}) at dawn", PH,
+                                          {k: v[b:b + 1] for k, v in vectors.items()}, "test")
+        want_cond, want_pooled = cond_and_pooled(want)
+        torch.testing.assert_close(cond[b:b + 1], want_cond, atol=1e-6, rtol=0)
+        torch.testing.assert_close(pooled[b:b + 1], want_pooled, atol=1e-6, rtol=0)
+    plain = cond_and_pooled(splice.encode_with_vectors(clip, f"a ({PH}:1.2) at dawn", PH, vectors, "test"))[0]
+    torch.testing.assert_close(plain[1], cond[1], atol=1e-6, rtol=0)  # row 1 (factor 1) is the plain encode
+    assert (plain[0] - cond[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_identical_rows_are_encoded_once(clips, family, monkeypatch):
+    """Rows with the same vectors and weight (a held segment) pass the text encoders once; the
+    result equals encoding every row on its own."""
+    clip = clips[family]
+    base = random_vectors(family, batch=3, seed=21)
+    pick = [0, 1, 0, 0, 2, 1, 2]
+    vectors = {k: v[pick] for k, v in base.items()}
+    factors = torch.tensor([1.0, 1.0, 1.0, 1.3, 1.0, 1.0, 1.0])  # row 3: same vectors, other weight
+    seen = []
+    key = min(FAMILIES[family][1])
+    hook = getattr(clip.cond_stage_model, f"clip_{key}").register_forward_hook(
+        lambda module, args, out: seen.append(out[0].shape[0]))
+    try:
+        cond, pooled = cond_and_pooled(splice.encode_with_vectors(clip, f"a {PH} at dawn", PH, vectors, "test",
+                                                                  row_weights=factors))
+    finally:
+        hook.remove()
+    assert seen == [4 + 1]  # 4 distinct rows in one pass (+ ComfyUI's empty row for the weights)
+    assert cond.shape[0] == 7 and pooled.shape[0] == 7
+    for b in range(7):
+        one = {k: v[b:b + 1] for k, v in vectors.items()}
+        want_cond, want_pooled = cond_and_pooled(splice.encode_with_vectors(
+            clip, f"a {PH} at dawn", PH, one, "test", row_weights=factors[b:b + 1]))
+        torch.testing.assert_close(cond[b:b + 1], want_cond, atol=1e-6, rtol=0)
+        torch.testing.assert_close(pooled[b:b + 1], want_pooled, atol=1e-6, rtol=0)
+    assert torch.equal(cond[0], cond[2]) and torch.equal(cond[4], cond[6]) and torch.equal(pooled[1], pooled[5])
+    assert not torch.allclose(cond[0], cond[3], atol=1e-4)
+
+
+def test_row_weights_are_checked(clips):
+    vectors = random_vectors("sd1", batch=2)
+    with pytest.raises(PromptError, match="has 2 rows but 3 row weights: give one weight per row"):
+        splice.encode_with_vectors(clips["sd1"], f"a {PH}", PH, vectors, "test", row_weights=torch.ones(3))
+    with pytest.raises(PromptError, match="row weight that is not a finite number"):
+        splice.encode_with_vectors(clips["sd1"], f"a {PH}", PH, vectors, "test",
+                                   row_weights=torch.tensor([1.0, float("nan")]))

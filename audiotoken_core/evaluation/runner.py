@@ -17,6 +17,10 @@ Metrics (definitions in metrics.py; each needs its own model, all pluggable via 
   IIS  image embedding of the generated image vs its reference frame.
 A metric whose model is missing is reported as n/a with the reason, never silently dropped.
 
+Videos (optional, `EvalRunner(..., videos=[VideoItem(...)])`): the runner draws still images, so it
+does not make videos itself; generated videos given to it are scored with AV-Align (TempoTokens'
+audio onset / motion peak IoU, av_align.py) into `EvalResults.av_align` (`score_videos`).
+
 Resuming: images are written as out/images/<system>/<index>.png next to out/manifest.json,
 which records, per system, the generator's settings (checkpoint, token digest, prompt,
 sampler, seed...) and which item each index holds. A rerun with the same settings skips the
@@ -40,13 +44,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..audio import REFERENCE_CLIP_SECONDS, prepare_waveform
+from ..audio import REFERENCE_CLIP_SECONDS, AudioInputError, prepare_waveform
 from ..io import atomic_write
 from . import metrics
+from .av_align import AVAlignError, av_align
 from .eval_set import EvalItem, item_audio, item_frame
 
 __all__ = ["SYSTEMS", "SYSTEM_TITLES", "METRICS", "Generator", "Scorers", "EvalProtocol", "EvalResults", "EvalRunner",
-           "SettingsChangedError", "zero_shot_classifier", "standard_scorers", "settings_hash", "image_path", "load_png", "save_png"]
+           "SettingsChangedError", "zero_shot_classifier", "standard_scorers", "settings_hash", "image_path", "load_png", "save_png",
+           "VideoItem", "score_videos"]
 
 SYSTEMS = ("audiotoken", "text_label", "untrained")
 SYSTEM_TITLES = {"audiotoken": "AudioToken", "text_label": "SD text label (topline)",
@@ -199,6 +205,38 @@ class EvalProtocol:
             raise ValueError(f"n_arbitrary must be >= 1 or None (all others), got {self.n_arbitrary}")
 
 
+@dataclass
+class VideoItem:
+    """A generated video for AV-Align: frames [N, H, W, 3] in 0..1 played at `fps`, and the audio track
+    they show, starting with frame 0 (`waveform` [C, T] at `sample_rate`)."""
+
+    name: str
+    frames: Tensor
+    waveform: Tensor
+    sample_rate: int
+    fps: float
+
+
+def score_videos(videos: Sequence[VideoItem], onset_options: dict | None = None) -> dict:
+    """AV-Align of each video and their mean (the reference averages the per-video scores).
+
+    A video that cannot be scored (e.g. no onsets and no motion peaks: 0 / 0) gets score None and
+    its error, and is left out of the mean, which says how many videos it covers.
+    """
+    rows = []
+    for video in videos:
+        row = {"name": video.name, "score": None}
+        try:
+            r = av_align(video.frames, video.fps, video.waveform, video.sample_rate, onset_options=onset_options)
+            row.update(score=r.score, matches=r.matches, audio_peaks=len(r.audio_peaks),
+                       video_peaks=len(r.video_peaks))
+        except (AVAlignError, AudioInputError) as exc:  # reported with the video, the others still scored
+            row["error"] = str(exc)
+        rows.append(row)
+    scores = [row["score"] for row in rows if row["score"] is not None]
+    return {"mean": sum(scores) / len(scores) if scores else None, "scored": len(scores), "videos": rows}
+
+
 def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -247,6 +285,7 @@ class EvalResults:
     predictions: dict = field(default_factory=dict)  # system -> AIC predicted labels (when AIC ran)
     labels: list = field(default_factory=list)       # the items' true labels
     errors: dict = field(default_factory=dict)       # "system/metric" -> error text (a metric that failed)
+    av_align: dict = field(default_factory=dict)     # score_videos() of the videos given to the runner (if any)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -267,6 +306,14 @@ class EvalResults:
             lines.append(f"- {metric}: n/a, {reason}")
         for where, text in self.errors.items():
             lines.append(f"- {where}: failed, {text}")
+        if self.av_align:
+            mean, rows = self.av_align["mean"], self.av_align["videos"]
+            shown = "n/a" if mean is None else f"{mean:.3f}"
+            lines.append(f"- AV-Align ↑ (audio onsets vs video motion peaks, IoU): {shown}, mean of "
+                         f"{self.av_align['scored']} of {len(rows)} videos")
+            for row in rows:
+                if row["score"] is None:
+                    lines.append(f"- AV-Align of {row['name']}: failed, {row['error']}")
         if self.models:
             lines.append("- models: " + "; ".join(f"{k}: {v}" for k, v in sorted(self.models.items())))
         return "\n".join(lines) + "\n"
@@ -276,7 +323,8 @@ class EvalRunner:
     """Runs the protocol over `eval_set`, writing images, manifest and results into `out_dir`."""
 
     def __init__(self, eval_set: Sequence[EvalItem], generator: Generator, scorers: Scorers,
-                 out_dir: str | os.PathLike, protocol: EvalProtocol | None = None) -> None:
+                 out_dir: str | os.PathLike, protocol: EvalProtocol | None = None,
+                 videos: Sequence[VideoItem] = ()) -> None:
         if len(eval_set) == 0:
             raise ValueError("the evaluation set is empty")
         self.items = list(eval_set)
@@ -284,6 +332,7 @@ class EvalRunner:
         self.scorers = scorers
         self.out_dir = Path(out_dir)
         self.protocol = protocol or EvalProtocol()
+        self.videos = list(videos)
 
     # ------------------------------------------------------------------ manifest
 
@@ -445,7 +494,8 @@ class EvalRunner:
         protocol = {**asdict(p), "systems": list(p.systems), "candidate_labels": candidates, "image_size": list(size)}
         return EvalResults(table=table, not_available=na, n_items=len(self.items), protocol=protocol,
                            models=dict(sc.names), settings=self._settings(), timings={},
-                           predictions=predictions, labels=labels, errors=errors)
+                           predictions=predictions, labels=labels, errors=errors,
+                           av_align=score_videos(self.videos) if self.videos else {})
 
     def write(self, results: EvalResults) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

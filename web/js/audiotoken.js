@@ -1,7 +1,9 @@
 // AudioToken frontend extension (ComfyUI). Registers:
 //  - audiotoken.nodeColors: one recognisable colour for the pack's nodes;
 //  - audiotoken.audioPreview: on the audio nodes, the waveform with the window the token hears
-//    (drag it to move start_seconds), the spectrogram of that window and a player;
+//    (drag it to move start_seconds), the spectrogram of that window and a player; on the
+//    Audio Timeline node, the frames' timeline (frame ticks, the windows they hear, the onsets
+//    of the last run) over the waveform and the recording's spectrogram, and a player for the frames' span;
 //  - audiotoken.lossChart: on Train AudioToken, a live loss chart fed by progress messages.
 // Only public extension APIs are used (registerExtension, nodeCreated, addDOMWidget,
 // api.addEventListener, onExecuted), which exist in the frontend ComfyUI 0.3.75 pins and in later ones.
@@ -23,15 +25,26 @@ import {
   audiotokenWindowSamples,
 } from "./audiotoken_audio.js";
 import { AudiotokenLossChart } from "./audiotoken_loss_chart.js";
+import {
+  AUDIOTOKEN_WINDOW_MODES,
+  audiotokenDrawTimeline,
+  audiotokenFrameAt,
+  audiotokenTimelinePanels,
+  audiotokenTimelinePlan,
+} from "./audiotoken_timeline.js";
 
 const AUDIOTOKEN_COLOR = { color: "#2a4d63", bgcolor: "#1c3342" };
 const SINGLE_WINDOW_NODES = new Set(["AudioTokenEncode", "AudioTokenEmbedAudio"]);
 const MULTI_WINDOW_NODES = new Set(["AudioTokenEmbedWindows"]);
+const TIMELINE_NODES = new Set(["AudioTokenTimeline"]);
 const TRAIN_NODES = new Set(["AudioTokenTrain"]);
 const PROGRESS_EVENT = "audiotoken.train_progress";
 const PREVIEW_WIDGET = "audiotoken_preview";
 const CHART_WIDGET = "audiotoken_loss_chart";
 const PREVIEW_HEIGHT = 230;
+const TIMELINE_HEIGHT = 270;
+const TIMELINE_UI_KEY = "audiotoken_timeline"; // the node's ui output (nodes/timeline_nodes.py)
+const SERVER_DURATION_TOLERANCE = 0.1; // seconds: decoders differ by padding; farther apart is another file
 const CHART_HEIGHT = 170;
 const MAX_SPECTROGRAM_WINDOWS = 16;
 
@@ -127,8 +140,7 @@ class AudiotokenPreview {
     const play = document.createElement("button");
     play.className = "audiotoken-play-window";
     play.type = "button";
-    play.textContent = this.multi ? "\u25B6 first window" : "\u25B6 window";
-    play.title = "Play the part of the recording the token hears";
+    [play.textContent, play.title] = this.playButtonText();
     const audio = document.createElement("audio");
     audio.className = "audiotoken-player";
     audio.controls = true;
@@ -151,6 +163,7 @@ class AudiotokenPreview {
     canvas.addEventListener("pointermove", (e) => this.onPointerMove(e));
     canvas.addEventListener("pointerup", (e) => this.onPointerUp(e));
     canvas.addEventListener("pointercancel", (e) => this.onPointerUp(e));
+    canvas.addEventListener("pointerleave", (e) => this.onPointerLeave(e));
     if (typeof ResizeObserver !== "undefined") {
       this.resizeObserver = new ResizeObserver(() => this.requestDraw());
       this.resizeObserver.observe(canvas);
@@ -159,8 +172,8 @@ class AudiotokenPreview {
     this.widget = this.node.addDOMWidget(PREVIEW_WIDGET, PREVIEW_WIDGET, root, {
       serialize: false,
       hideOnZoom: false,
-      getMinHeight: () => PREVIEW_HEIGHT,
-      getHeight: () => PREVIEW_HEIGHT,
+      getMinHeight: () => this.height(),
+      getHeight: () => this.height(),
     });
     this.widget.serialize = false;
     const onRemove = this.widget.onRemove;
@@ -171,6 +184,14 @@ class AudiotokenPreview {
       this.resizeObserver?.disconnect();
       root.remove();
     };
+  }
+
+  height() {
+    return PREVIEW_HEIGHT;
+  }
+
+  playButtonText() {
+    return [this.multi ? "\u25B6 first window" : "\u25B6 window", "Play the part of the recording the token hears"];
   }
 
   params() {
@@ -217,8 +238,7 @@ class AudiotokenPreview {
       this.audio.pause();
       if (!source) {
         this.audio.removeAttribute("src");
-        this.state = { message: "connect Load Audio (or run the graph) to see the sound" };
-        this.requestDraw();
+        this.showWithoutSource();
         return;
       }
       this.audio.src = source.url;
@@ -239,6 +259,11 @@ class AudiotokenPreview {
       return;
     }
     this.update();
+  }
+
+  showWithoutSource() {
+    this.state = { message: "connect Load Audio (or run the graph) to see the sound" };
+    this.requestDraw();
   }
 
   windows(params, duration) {
@@ -301,8 +326,12 @@ class AudiotokenPreview {
     this.frame = requestAnimationFrame(() => {
       this.frame = null;
       if (this.state.mono && !this.audio.paused) this.state.playhead = this.audio.currentTime;
-      audiotokenDrawPreview(this.canvas, this.state);
+      this.draw();
     });
+  }
+
+  draw() {
+    audiotokenDrawPreview(this.canvas, this.state);
   }
 
   animatePlayhead() {
@@ -362,6 +391,8 @@ class AudiotokenPreview {
     this.setStart(this.timeAt(event).t - this.dragOffset);
   }
 
+  onPointerLeave() {}
+
   onPointerUp(event) {
     if (!this.dragging) return;
     this.dragging = false;
@@ -384,6 +415,145 @@ class AudiotokenPreview {
     widget.callback?.(rounded, app.canvas, this.node);
     this.refresh();
     markDirty(this.node);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Timeline widget (AudioTokenTimeline): the frames the recording becomes and what each hears.
+// Before a run it draws what the widgets imply; a run adds the onsets the server found (and its
+// duration, which counts where the browser's decoder pads differently).
+
+class AudiotokenTimelinePreview extends AudiotokenPreview {
+  height() {
+    return TIMELINE_HEIGHT;
+  }
+
+  playButtonText() {
+    return ["\u25B6 frames' span", "Play the part of the recording the frames show (the video's sound)"];
+  }
+
+  params() {
+    const n = this.node;
+    const number = (name, fallback) => {
+      const value = Number(widgetValue(n, name));
+      return Number.isFinite(value) ? value : fallback;
+    };
+    return {
+      fps: number("fps", 12),
+      windowSeconds: number("window_seconds", 4),
+      mode: widgetValue(n, "windows") || AUDIOTOKEN_WINDOW_MODES[0],
+      hop: number("hop_seconds", 1),
+      start: number("start_seconds", 0),
+      length: number("length_seconds", 0),
+      channels: widgetValue(n, "channels") || "mix",
+      maxFrames: number("max_frames", 2400),
+    };
+  }
+
+  /** The last run's ui payload {fps, start_seconds, frame_count, window_seconds, windows, duration_seconds, ...}. */
+  setLastRun(payload) {
+    this.lastRun = payload;
+    this.signature = ""; // redraw even if no widget changed
+    this.refresh();
+  }
+
+  showWithoutSource() {
+    this.decoded = null;
+    if (this.lastRun) this.update();
+    else super.showWithoutSource();
+  }
+
+  /** The recording's duration: the server's (what the node used) when it ran on this recording. */
+  duration() {
+    const decoded = this.decoded?.duration;
+    const server = Number(this.lastRun?.duration_seconds);
+    if (decoded == null) return Number.isFinite(server) ? server : null;
+    return Math.abs(server - decoded) <= SERVER_DURATION_TOLERANCE ? server : decoded;
+  }
+
+  update() {
+    const duration = this.duration();
+    if (duration == null) return;
+    const p = this.params();
+    if (!(p.fps > 0) || !(p.windowSeconds > 0) || !(p.hop > 0) || p.start >= duration) {
+      this.state = { message: `nothing to show: fps, window and hop must be > 0 and start before the end (${duration.toFixed(1)} s)` };
+      this.requestDraw();
+      return;
+    }
+    const run = this.lastRun;
+    const plan = audiotokenTimelinePlan({
+      duration, fps: p.fps, start: p.start, length: p.length, windowSeconds: p.windowSeconds, mode: p.mode, hop: p.hop,
+      onsets: run ? run.onsets || [] : null,
+    });
+    const current = run && Number(run.fps) === p.fps && Number(run.start_seconds) === p.start && run.windows === p.mode
+      && Number(run.window_seconds) === p.windowSeconds && Number(run.frame_count) === plan.frameCount;
+    const d = this.decoded;
+    const mono = d ? audiotokenMono(d, p.channels) : null;
+    const specKey = d ? `${this.sourceKey}:${p.channels}` : "";
+    if (this.specKey !== specKey) {
+      this.specKey = specKey;
+      const maxFreq = Math.min(AUDIOTOKEN_TARGET_RATE / 2, d ? d.sampleRate / 2 : 0);
+      this.spectrogram = mono ? audiotokenSpectrogramImage(audiotokenSpectrogram(mono, d.sampleRate, { maxFreq, maxFrames: 480 })) : null;
+    }
+    this.state = {
+      plan,
+      mono,
+      duration,
+      spectrogram: this.spectrogram,
+      onsets: run ? run.onsets || [] : null,
+      onsetNote: current ? "(last run)" : "(last run, other settings)",
+      warning: plan.frameCount > p.maxFrames ? `${plan.frameCount} frames > max_frames (${p.maxFrames}): the node refuses` : "",
+      message: d ? "" : "no waveform: the audio is not a file (timeline of the last run)",
+      focusFrame: null,
+      playhead: null,
+    };
+    this.requestDraw();
+  }
+
+  /** While the span plays, the frame on screen at the playhead is the focused one; it is let go at the end. */
+  draw() {
+    const state = this.state;
+    if (state.plan && state.playhead != null) {
+      state.focusFrame = audiotokenFrameAt(state.plan, state.playhead);
+      state.focusFromPlayback = true;
+    } else if (state.focusFromPlayback) {
+      state.focusFrame = null;
+      state.focusFromPlayback = false;
+    }
+    audiotokenDrawTimeline(this.canvas, state);
+  }
+
+  playWindow() {
+    const plan = this.state.plan;
+    if (!this.audio.src || !plan) return;
+    this.audio.currentTime = plan.start;
+    this.stopAt = Math.min(this.decoded?.duration ?? Infinity, plan.end);
+    this.audio.play().catch(() => {});
+  }
+
+  timeAt(event) {
+    const rect = this.canvas.getBoundingClientRect();
+    const scale = rect.width / (this.canvas.clientWidth || rect.width);
+    const x = (event.clientX - rect.left) / scale;
+    const { wave } = audiotokenTimelinePanels(this.canvas.clientWidth, this.canvas.clientHeight);
+    return ((x - wave.x) / wave.w) * (this.state.drawn?.span ?? 1);
+  }
+
+  onPointerDown() {} // nothing to drag: start and length are widgets
+
+  /** Hovering the canvas shows the frame on screen at that time and the windows it hears. */
+  onPointerMove(event) {
+    if (!this.state.plan || !this.audio.paused) return;
+    const frame = audiotokenFrameAt(this.state.plan, this.timeAt(event));
+    if (frame === this.state.focusFrame) return;
+    this.state.focusFrame = frame;
+    this.requestDraw();
+  }
+
+  onPointerLeave() {
+    if (this.state.focusFrame == null) return;
+    this.state.focusFrame = null;
+    this.requestDraw();
   }
 }
 
@@ -449,8 +619,9 @@ app.registerExtension({
 app.registerExtension({
   name: "audiotoken.audioPreview",
   nodeCreated(node) {
-    if (!SINGLE_WINDOW_NODES.has(node.comfyClass) && !MULTI_WINDOW_NODES.has(node.comfyClass)) return;
-    const preview = new AudiotokenPreview(node);
+    const timeline = TIMELINE_NODES.has(node.comfyClass);
+    if (!timeline && !SINGLE_WINDOW_NODES.has(node.comfyClass) && !MULTI_WINDOW_NODES.has(node.comfyClass)) return;
+    const preview = timeline ? new AudiotokenTimelinePreview(node) : new AudiotokenPreview(node);
     node.audiotokenPreview = preview;
     fitNode(node);
     // Links and widget values (ours and the upstream Load Audio's) change in many ways; checking a
@@ -462,6 +633,8 @@ app.registerExtension({
       setTimeout(() => preview.refresh(), 0);
     });
     chain(node, "onExecuted", (output) => {
+      const run = output?.[TIMELINE_UI_KEY]?.[0];
+      if (timeline && run) preview.setLastRun(run);
       const saved = output?.audiotoken_window?.[0];
       if (saved && saved.filename) {
         preview.serverPreview = {

@@ -96,6 +96,97 @@ export function audiotokenWindowCount(duration, windowSeconds, hop) {
   return 1 + Math.floor((duration - windowSeconds) / hop + 1e-9);
 }
 
+// ---------------------------------------------------------------------------------------
+// Time base of the frame timeline (AudioTokenTimeline): audiotoken_core/timeline.py has the same
+// formulas in the same doubles, and tests/data/timeline_table.json holds both to them.
+
+const FRAME_EPSILON = 1e-9; // in frames: a span that is a whole number of frames up to rounding keeps its last frame
+
+/** Frames at `fps` from `start` over `length` seconds (0 = to the end of the recording); at least one. */
+export function audiotokenFrameCount(duration, fps, start = 0, length = 0) {
+  const span = length <= 0 ? duration - start : length;
+  return Math.max(1, Math.floor(span * fps + FRAME_EPSILON));
+}
+
+/** Where the last of `frameCount` frames ends: the frames (and the video's sound) cover [start, this). */
+export function audiotokenSpanEnd(frameCount, fps, start = 0) {
+  return start + frameCount / fps;
+}
+
+/** When frame `index` appears, in recording seconds. */
+export function audiotokenFrameTime(index, fps, start = 0) {
+  return start + index / fps;
+}
+
+/** The middle of frame `index`'s display interval, in recording seconds. */
+export function audiotokenFrameCentre(index, fps, start = 0) {
+  return start + (index + 0.5) / fps;
+}
+
+/** Start of the `windowSeconds` window centred on `centre`, clamped into the recording. */
+export function audiotokenCentredWindowStart(centre, windowSeconds, duration) {
+  return Math.min(Math.max(centre - windowSeconds / 2, 0), Math.max(duration - windowSeconds, 0));
+}
+
+/**
+ * Centres of the hop windows (window k starts at k * hop, as AudioTokenEmbedWindows cuts them): c_k = k * hop +
+ * window / 2; one looped window (centre window / 2) for a recording no longer than the window.
+ */
+export function audiotokenHopWindowCentres(duration, windowSeconds, hop) {
+  const count = audiotokenWindowCount(duration, windowSeconds, hop);
+  return Array.from({ length: count }, (_, k) => k * hop + windowSeconds / 2);
+}
+
+/**
+ * The hop windows a frame centred at `t` hears: {k, next, u}; its vector is interp(v_k, v_next, u). Between two
+ * centres c_k <= t < c_k+1: next = k + 1, u = (t - c_k) / hop; at or before the first centre v_0, at or after the
+ * last v_last (next = k, u = 0). The node embeds both windows of a pair, also where u is 0.
+ */
+export function audiotokenHopPosition(t, centres, hop) {
+  const last = centres.length - 1;
+  if (t <= centres[0]) return { k: 0, next: 0, u: 0 };
+  if (t >= centres[last]) return { k: last, next: last, u: 0 };
+  let k = Math.min(Math.max(Math.floor((t - centres[0]) / hop), 0), last - 1);
+  while (k + 1 < last && centres[k + 1] <= t) k += 1; // the division may land one off: the centres decide
+  while (k > 0 && centres[k] > t) k -= 1;
+  return { k, next: k + 1, u: Math.min(Math.max((t - centres[k]) / hop, 0), 1) };
+}
+
+/** The first frame shown once onset `onset` sounds: the frame on screen at that moment. */
+export function audiotokenOnsetFrame(onset, fps, start = 0) {
+  return Math.floor((onset - start) * fps + FRAME_EPSILON);
+}
+
+/**
+ * Onset segments of a timeline of `frameCount` frames: boundary 0 is the span start, then every onset from the
+ * start on whose first frame is one of the timeline's. Returns [{boundary, firstFrame}], ascending.
+ */
+export function audiotokenOnsetSegments(onsets, fps, start, frameCount) {
+  const segments = [{ boundary: start, firstFrame: 0 }];
+  for (const onset of onsets) {
+    const firstFrame = audiotokenOnsetFrame(onset, fps, start);
+    if (onset >= start && firstFrame < frameCount) segments.push({ boundary: onset, firstFrame });
+  }
+  return segments;
+}
+
+/** Index into `segments` of frame `index`: the last segment whose first frame is at or before it. */
+export function audiotokenOnsetSegmentOf(index, segments) {
+  let lo = 0; // segments[0].firstFrame is 0; first frames ascend with the onsets
+  let hi = segments.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1;
+    if (segments[mid].firstFrame <= index) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+/** Start of an onset segment's window: the sound that begins at its boundary, clamped into the recording. */
+export function audiotokenOnsetWindowStart(boundary, windowSeconds, duration) {
+  return Math.min(Math.max(boundary, 0), Math.max(duration - windowSeconds, 0));
+}
+
 /** Seconds the time axis shows: the recording, or more where a window runs past its end. */
 export function audiotokenTimeSpan(duration, windows) {
   const lastEnd = windows.reduce((m, win) => Math.max(m, win.start + win.length), 0);
@@ -239,7 +330,8 @@ export function audiotokenPanels(w, h) {
   };
 }
 
-function peaks(mono, columns) {
+/** Min/max of `mono` in `columns` equal parts (an envelope cheap enough for hour-long files). */
+export function audiotokenPeaks(mono, columns) {
   const out = new Float32Array(columns * 2);
   const per = mono.length / columns;
   for (let c = 0; c < columns; c++) {
@@ -259,7 +351,8 @@ function peaks(mono, columns) {
   return out;
 }
 
-function fmt(seconds) {
+/** Seconds as "4.2 s", or "m:ss.s" from a minute on. */
+export function audiotokenFormatSeconds(seconds) {
   return seconds >= 60 ? `${Math.floor(seconds / 60)}:${(seconds % 60).toFixed(1).padStart(4, "0")}` : `${seconds.toFixed(1)} s`;
 }
 
@@ -309,7 +402,7 @@ export function audiotokenDrawPreview(canvas, state) {
   const key = `${cols}:${state.duration}:${span}`;
   if (!state._peaks || state._peaksKey !== key) {
     const recordingCols = Math.max(1, Math.round((state.duration / span) * cols));
-    state._peaks = peaks(state.mono, recordingCols);
+    state._peaks = audiotokenPeaks(state.mono, recordingCols);
     state._peaksKey = key;
   }
   const pk = state._peaks;
@@ -368,12 +461,12 @@ export function audiotokenDrawPreview(canvas, state) {
   ctx.fillStyle = "#c8d3dc";
   const first = windows[0];
   const label = windows.length > 1
-    ? `${windows.length} windows of ${fmt(first.length)}`
-    : first ? `window ${fmt(first.start)} + ${fmt(first.length)}` : "";
+    ? `${windows.length} windows of ${audiotokenFormatSeconds(first.length)}`
+    : first ? `window ${audiotokenFormatSeconds(first.start)} + ${audiotokenFormatSeconds(first.length)}` : "";
   const tail = first && span > state.duration ? (state.loop ? " (loops)" : " (padded with silence)") : "";
   ctx.fillText(state.label || `${label}${tail}`, wave.x, wave.y + wave.h + 2);
   ctx.textAlign = "right";
-  ctx.fillText(`${fmt(state.duration)}${state.caption ? "  " + state.caption : ""}`, wave.x + wave.w, wave.y + wave.h + 2);
+  ctx.fillText(`${audiotokenFormatSeconds(state.duration)}${state.caption ? "  " + state.caption : ""}`, wave.x + wave.w, wave.y + wave.h + 2);
   ctx.textAlign = "left";
 
   // Spectrogram of what the model hears (the first window; all windows side by side when several).
