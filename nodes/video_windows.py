@@ -243,7 +243,7 @@ def video_windows(model, clip, timeline, text: str, placeholder: str, context_le
         raise VideoWindowsError(
             f"The audio timeline has {frame_count} frames ({latents} latent frames), no longer than one context window "
             f"of {context_length} frames ({length} latent frames): there is nothing to split. Lower context_length, "
-            "lengthen the timeline, or use 'AudioToken Frame Conditioning' for a single window.")
+            "lengthen the timeline, or give a clip this short one conditioning ('AudioToken Encode' over its audio).")
     centres = [window_centre_frame(w) for w in static_windows(latents, length, overlap)]
     spans = segment_spans(frame_count, segment_frames, centres)
     vectors, weights = segment_vectors(timeline.embedding.vectors, timeline.weights, spans)

@@ -6,7 +6,11 @@ a workflow against a live server: node types exist, values are valid, links matc
 """
 from __future__ import annotations
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# A combo whose chosen option brings its own inputs (upstream comfy_api's DynamicCombo, e.g. SaveVideo's `format`
+# with a nested `codec` since 2026; not in ComfyUI 0.3.75). The API format names a nested input by its path:
+# "format.codec".
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 SEED_NAMES = {"seed", "noise_seed"}
 MUTED, BYPASSED = 2, 4
@@ -28,7 +32,28 @@ def _options(spec: list) -> list | None:
         return spec[0]
     if spec[0] == "COMBO":
         return spec[1].get("options") if len(spec) > 1 else None
+    if spec[0] == DYNAMIC_COMBO:
+        return [option["key"] for option in spec[1]["options"]]
     return None
+
+
+def _default(spec: list):
+    """The value a widget the saved workflow has no value for starts with in the frontend: its default, else a
+    combo's first option (an input the node gained after the workflow was saved, e.g. CreateVideo's bit_depth)."""
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in opts:
+        return opts["default"]
+    options = _options(spec)
+    return options[0] if options else None
+
+
+def _chosen_inputs(spec: list, key) -> list[tuple[str, list]]:
+    """The inputs a dynamic combo's chosen option adds, in the order the frontend makes their widgets."""
+    for option in spec[1]["options"]:
+        if option["key"] == key:
+            inputs = option.get("inputs") or {}
+            return [(name, sub) for section in ("required", "optional") for name, sub in inputs.get(section, {}).items()]
+    return []
 
 
 def _has_control_widget(name: str, spec: list) -> bool:
@@ -42,7 +67,9 @@ def convert(workflow: dict, object_info: dict, overrides: dict[str, dict] | None
     """(API prompt, problems). Problems name the node and what is wrong; empty when valid.
 
     `overrides` maps a node type to widget values to use instead of the saved ones (the
-    model files and audio a given machine has), applied before validation.
+    model files and audio a given machine has), applied before validation. Widget values are read in the
+    order the frontend makes the widgets (a dynamic combo's chosen option's inputs right after it); a widget
+    the saved values do not reach gets its default, as the frontend gives it (inputs a newer server added).
     """
     overrides = overrides or {}
     problems: list[str] = []
@@ -64,23 +91,26 @@ def convert(workflow: dict, object_info: dict, overrides: dict[str, dict] | None
             problems.append(f"{where}: dict widgets_values are not supported")
             values = []
         inputs: dict = {}
-        for name, spec in _inputs_in_order(info):
+        pending = _inputs_in_order(info)
+        while pending:
+            name, spec = pending.pop(0)
             value = None
             if _is_widget(spec):
-                if values:
-                    value = values.pop(0)
-                    if _has_control_widget(name, spec) and values:
-                        values.pop(0)
+                value = values.pop(0) if values else _default(spec)
+                if values and _has_control_widget(name, spec):
+                    values.pop(0)
                 value = overrides.get(kind, {}).get(name, value)
                 if name not in linked and value is not None:
                     problems += _check_value(where, name, spec, value)
                     inputs[name] = value
+                if spec[0] == DYNAMIC_COMBO:  # the chosen option's widgets come right after it
+                    pending[:0] = [(f"{name}.{sub}", sub_spec) for sub, sub_spec in _chosen_inputs(spec, value)]
             if name in linked:
                 link = links.get(linked[name])
                 if link is None:
                     problems.append(f"{where}: input '{name}' refers to missing link {linked[name]}")
                     continue
-                _, src_id, src_slot, _, _, link_type = link
+                _, src_id, src_slot, _, _, _ = link
                 src = nodes.get(src_id)
                 src_info = object_info.get(src["type"]) if src else None
                 if src_info is not None:
