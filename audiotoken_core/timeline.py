@@ -13,7 +13,8 @@ doubles, and tests/data/timeline_table.json holds both to them):
 `build_timeline` gives each frame a vector in one of WINDOW_MODES: a window centred on the frame;
 windows every hop (anchored at 0, as AudioTokenEmbedWindows) with frames between two window centres
 blended (`interpolate`: linear or slerp); or a window starting at each onset (audiotoken_core.onsets),
-held until the next. Then optional Gaussian smoothing along frames (`smooth_frames`) and per-frame
+held until the next; or the same from each tracked beat (`onsets.detect_beats`), so the picture changes on
+the beat, not on every attack. Then optional Gaussian smoothing along frames (`smooth_frames`) and per-frame
 prompt weights 1 + onset_weight * onset strength. Only the windows the frames need are cut, resampled
 and embedded (in batches, through the caller's embed_fn), so memory follows the frames, not the file.
 """
@@ -67,8 +68,9 @@ class AudioTimeline:
     """What flows on an AUDIOTOKEN_TIMELINE socket: one audio vector per video frame.
 
     `embedding` has one row per frame (batch = frame_count); `weights` [frame_count] multiplies the
-    audio word's prompt weight per frame (1 = plain; the onset option raises it on onsets); `onsets`
-    and `window_starts` are recording times, kept for the frontend and for output nodes.
+    audio word's prompt weight per frame (1 = plain; the onset option raises it on onsets); `onsets`,
+    `beats` and `window_starts` are recording times, kept for the frontend and for output nodes. `beats`
+    and `tempo_bpm` are tracked only for the "from each beat" mode (else empty and 0).
     """
 
     embedding: AudioEmbedding
@@ -79,6 +81,8 @@ class AudioTimeline:
     weights: torch.Tensor = None
     onsets: list[float] = field(default_factory=list)
     window_starts: list[float] = field(default_factory=list)
+    beats: list[float] = field(default_factory=list)
+    tempo_bpm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.weights is None:
@@ -99,7 +103,7 @@ class AudioTimeline:
 
 # --------------------------------------------------------------------------- building a timeline
 
-WINDOW_MODES = ("centred on each frame", "every hop", "from each onset")
+WINDOW_MODES = ("centred on each frame", "every hop", "from each onset", "from each beat")
 INTERPOLATIONS = ("linear", "slerp")
 EMBED_BATCH = 8  # windows embedded per embed_fn call: bounds activation memory
 READ_SECONDS = 30.0  # nearby windows are cut from one read of at most this much audio (prepare_waveform allows 60)
@@ -206,6 +210,7 @@ def onset_frame(onset: float, fps: float, start: float) -> int:
 
 def _plan_onsets(count: int, fps: float, start: float, window: float, duration: float,
                  onsets: list[float]) -> _Plan:
+    """Segments from the span start and each of `onsets` (onsets or beats): a window from each, held."""
     boundaries = [start] + [o for o in onsets if onset_frame(o, fps, start) < count]
     first_frames = [0] + [onset_frame(o, fps, start) for o in boundaries[1:]]
     segment_of_frame = []
@@ -312,7 +317,9 @@ def build_timeline(waveform, sample_rate: int, embed_fn: EmbedFn, *, fps: float 
     [N, T16] 16 kHz mono windows into {key: [N, D]} (called with at most `embed_batch` windows).
     `windows`: "centred on each frame" (a window per frame), "every hop" (windows every `hop_seconds`
     from 0, frames between two window centres blend them by `interpolation`), "from each onset" (a
-    window from each detected onset, held until the next). `smoothing_seconds` > 0 blurs the vectors
+    window from each detected onset, held until the next), "from each beat" (the same from each beat that
+    `onsets.detect_beats` tracks in the span: changes on the beat, not on every attack; a span too short or
+    too quiet for a beat holds one window from its start). `smoothing_seconds` > 0 blurs the vectors
     along time; `onset_weight` > 0 raises each frame's prompt weight to 1 + onset_weight * strength.
     Only the windows the frames need are read and embedded: memory follows the frames, not the file.
     """
@@ -361,12 +368,18 @@ def build_timeline(waveform, sample_rate: int, embed_fn: EmbedFn, *, fps: float 
     onset_times, envelope, env_rate, env_first = onsets_mod.span_onsets(
         x, rate, start, end, min_gap_seconds=min_gap_seconds, threshold=onset_threshold)
 
+    tempo, beat_times = 0.0, []
+    if windows == WINDOW_MODES[3]:  # the beats of the frames' span
+        tempo, tracked = onsets_mod.detect_beats(x, rate, start_seconds=start, length_seconds=end - start)
+        beat_times = [b for b in tracked if start <= b < end]
+
     if windows == WINDOW_MODES[0]:
         plan = _plan_centred(count, fps, start, window, duration)
     elif windows == WINDOW_MODES[1]:
         plan = _plan_hop(count, fps, start, window, hop, duration)
     else:
-        plan = _plan_onsets(count, fps, start, window, duration, onset_times)
+        plan = _plan_onsets(count, fps, start, window, duration,
+                            beat_times if windows == WINDOW_MODES[3] else onset_times)
 
     rows = _embed_windows(x, rate, embed_fn, plan.starts, window, channel_policy, int(embed_batch))
     vectors = {}
@@ -381,4 +394,4 @@ def build_timeline(waveform, sample_rate: int, embed_fn: EmbedFn, *, fps: float 
     description = f"{label} timeline {count} frames @ {fps:g} fps from {start:g}s, {windows} {window:g}s"
     return AudioTimeline(embedding=AudioEmbedding(vectors=vectors, source=description), fps=fps, start_seconds=start,
                          window_seconds=window, duration_seconds=duration, weights=weights, onsets=onset_times,
-                         window_starts=list(plan.starts))
+                         window_starts=list(plan.starts), beats=beat_times, tempo_bpm=tempo)

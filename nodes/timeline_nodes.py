@@ -10,11 +10,17 @@ from ..audiotoken_core.timeline import (
     AudioTimeline,
     build_timeline,
 )
-from .audiotoken_nodes import AUDIOTOKEN, CHANNEL_POLICIES, TIMELINE, VIDEO_CATEGORY, schema
+from .audiotoken_nodes import (
+    AUDIOTOKEN,
+    CHANNEL_POLICIES,
+    TIMELINE,
+    VIDEO_CATEGORY,
+    schema,
+)
 from .runtime import LoadedAudioToken
 
 UI_WINDOW_STARTS = 512  # the frontend draws at most this many windows ...
-UI_ONSETS = 2048  # ... and onsets
+UI_ONSETS = 2048  # ... and onsets (and beats)
 
 
 def span_audio(audio: dict, start_seconds: float, seconds: float) -> dict:
@@ -29,12 +35,14 @@ def span_audio(audio: dict, start_seconds: float, seconds: float) -> dict:
 
 
 def timeline_ui(timeline: AudioTimeline, windows: str) -> dict:
-    """UI payload for web/js (the waveform's frame/window/onset timeline)."""
+    """UI payload for web/js (the waveform's frame/window/onset timeline). `beats` and `tempo_bpm` are the
+    beat mode's (empty and 0 in the other modes): the frontend draws the change boundaries of the mode in use."""
     return {"audiotoken_timeline": [{
         "fps": timeline.fps, "start_seconds": timeline.start_seconds, "frame_count": timeline.frame_count,
         "window_seconds": timeline.window_seconds, "windows": windows, "duration_seconds": timeline.duration_seconds,
         "window_starts": [float(s) for s in timeline.window_starts[:UI_WINDOW_STARTS]],
         "onsets": [float(o) for o in timeline.onsets[:UI_ONSETS]],
+        "beats": [float(b) for b in timeline.beats[:UI_ONSETS]], "tempo_bpm": float(timeline.tempo_bpm),
     }]}
 
 
@@ -47,8 +55,9 @@ class AudioTokenTimeline(io.ComfyNode):
             category=VIDEO_CATEGORY,
             description="Turns a recording into one AudioToken vector per video frame: each frame hears a window of the "
                         "sound around its time (or the vectors of windows every hop, blended between them, or a window "
-                        "from each onset, held until the next). Only the windows the frames need are embedded, so a long "
-                        "file costs what its frames cost. Also gives the audio the frames show, for CreateVideo.",
+                        "from each onset or each tracked beat, held until the next). Only the windows the frames need "
+                        "are embedded, so a long file costs what its frames cost. Also gives the audio the frames show, "
+                        "for CreateVideo.",
             search_aliases=["music video", "audio to video", "frames", "timeline", "onsets", "beat"],
             inputs=[
                 io.Audio.Input("audio", tooltip="One recording (any rate 8-192 kHz, any channels); a batch of several is refused."),
@@ -60,7 +69,9 @@ class AudioTokenTimeline(io.ComfyNode):
                 io.Combo.Input("windows", options=list(WINDOW_MODES), default=WINDOW_MODES[0],
                                tooltip="'centred on each frame': a window around every frame's time. 'every hop': windows every "
                                        "hop_seconds, frames in between blend the two nearest (cheaper, smoother). 'from each onset': "
-                                       "a window starting at each detected onset, held until the next (changes land on the beat)."),
+                                       "a window starting at each detected onset, held until the next (changes on every attack). "
+                                       "'from each beat': the same from each tracked beat (tempo + beat tracker), so the "
+                                       "picture changes on the beat, not on every attack."),
                 io.Float.Input("hop_seconds", default=1.0, min=0.05, max=60.0, step=0.05,
                                tooltip="Distance between window starts for 'every hop' (ignored by the other modes)."),
                 io.Combo.Input("interpolation", options=list(INTERPOLATIONS), default="linear",

@@ -8,7 +8,8 @@ ComfyUI 0.3.75 pins and test_browser.NEWER_FRONTEND.
   table audiotoken_core/timeline.py is held to;
 - before a run the timeline draws what the widgets imply: one tick per frame (thinned when dense), the windows
   the frames hear (the same starts as audiotoken_core.timeline computes);
-- after a run it draws the onsets of the node's ui payload where they are, and its windows are the node's;
+- after a run it draws the onsets of the node's ui payload where they are (in the beat mode its beats instead,
+  the mode's change boundaries), and its windows are the node's;
 - the saved video (CreateVideo with the timeline's audio -> SaveVideo) plays in its preview WITH sound, for
   as long as the frames last; the same video without the audio input has none.
 """
@@ -40,6 +41,7 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.browser]
 TABLE = Path(__file__).parent / "data" / "timeline_table.json"
 TICK = (0x5F, 0xD3, 0xFF)  # AUDIOTOKEN_TIMELINE_COLORS in web/js/audiotoken_timeline.js
 ONSET = (0xFF, 0x4F, 0xD8)
+BEAT = (0x7D, 0xFF, 0x6A)
 FRONTENDS = {"pinned": _frontend_static, "newer": _newer_frontend_static}
 TIMELINE_ID, SAVE_ID, SAVE_SILENT_ID = 4, 7, 9  # node ids of _graph()
 
@@ -137,7 +139,7 @@ def _drawn(page, **expect) -> dict:
         const plan = p?.state?.plan;
         return plan && !p.frame && p.state.drawn && Object.entries(expect).every(([k, v]) => plan[k] === v);
     }}""", arg=expect, timeout=30_000)
-    return page.js(f"""([tick, onset]) => {{
+    return page.js(f"""([tick, onset, beat]) => {{
         const p = {APP}.graph.getNodeById({TIMELINE_ID}).audiotokenPreview;
         const s = p.state, c = p.canvas, P = s.drawn.panels, dpr = c.width / c.clientWidth;
         const ctx = c.getContext('2d');
@@ -156,9 +158,10 @@ def _drawn(page, **expect) -> dict:
             tickStep: s.drawn.tickStep, ticks: s.drawn.ticks.length, tickRuns: runs,
             onsets: s.onsets, onsetXs: s.drawn.onsets, onsetPixels,
             onsetHits: s.drawn.onsets.map(x => near(specRow, Math.round(x * dpr), onset)),
+            beats: s.beats, beatXs: s.drawn.beats, beatHits: s.drawn.beats.map(x => near(specRow, Math.round(x * dpr), beat)),
             span: s.drawn.span, wave: P.wave,
         }};
-    }}""", [TICK, ONSET])
+    }}""", [TICK, ONSET, BEAT])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,8 +238,8 @@ def test_timeline_draws_frames_and_windows_before_a_run(page, ui_server):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_timeline_after_a_run_draws_the_nodes_onsets_and_windows(page, ui_server, mode):
-    """The run's ui payload: its onsets are drawn where they are; the page's windows for the run's settings are
-    the node's (window_starts of the payload), and its frame count too."""
+    """The run's ui payload: its onsets (beat mode: its beats) are drawn where they are; the page's windows for the
+    run's settings are the node's (window_starts of the payload), and its frame count too."""
     _load(page, _graph(fps=4.0, window=1.0, mode=mode, hop=0.5, start=0.5))
     _drawn(page, fps=4.0, mode=mode)
     entry = _run_from_page(page, ui_server)
@@ -248,10 +251,15 @@ def test_timeline_after_a_run_draws_the_nodes_onsets_and_windows(page, ui_server
     assert d["frameCount"] == run["frame_count"] and d["start"] == run["start_seconds"] == 0.5
     assert sorted(set(d["windows"]))[:512] == run["window_starts"], (d["windows"], run)
     assert d["onsets"] == run["onsets"] and len(run["onsets"]) >= 2, run  # a dog barking: several onsets
-    # each onset drawn at its time on the axis, in the onset colour
-    expected_x = [d["wave"]["x"] + t / d["span"] * d["wave"]["w"] for t in run["onsets"]]
-    assert len(d["onsetXs"]) == len(expected_x) and all(d["onsetHits"]), d
-    assert all(abs(x - e) <= 0.5 for x, e in zip(d["onsetXs"], expected_x)), (d["onsetXs"], expected_x)
+    beat_mode = mode == MODES[3]
+    assert (len(run["beats"]) >= 2 and run["tempo_bpm"] > 0) if beat_mode else (run["beats"] == []), run
+    # each change boundary of the mode drawn at its time on the axis, in its colour: the beats in the beat mode
+    # (and then no onsets), else the onsets
+    marks, xs, hits = ("beats", "beatXs", "beatHits") if beat_mode else ("onsets", "onsetXs", "onsetHits")
+    assert d["beats"] == (run["beats"] if beat_mode else None) and (d["onsetXs"] == [] if beat_mode else d["beatXs"] == [])
+    expected_x = [d["wave"]["x"] + t / d["span"] * d["wave"]["w"] for t in run[marks]]
+    assert len(d[xs]) == len(expected_x) and all(d[hits]), d
+    assert all(abs(x - e) <= 0.5 for x, e in zip(d[xs], expected_x)), (d[xs], expected_x)
     page.shot(f"12_timeline_after_run_{MODES.index(mode)}_{ui_server.frontend}", clip=_fit_view(page, [1, TIMELINE_ID]))
     _assert_no_errors_from_us(page)
 

@@ -284,6 +284,41 @@ def test_onset_windows_switch_on_the_onset_frame_and_hold():
                                torch.tensor(sorted(set(expected)), dtype=torch.float64), atol=1e-12, rtol=0)
 
 
+def test_beat_windows_switch_on_the_beat_frames_not_on_every_attack():
+    """A 120 BPM click track with a softer click between the beats: the onset mode would change on every attack,
+    the beat mode changes exactly on the beat frames, each segment hearing the window that starts at its beat."""
+    gen = torch.Generator().manual_seed(5)
+    beats = [0.55 + 0.5 * k for k in range(12)]  # 120 BPM
+    offbeats = [b + 0.25 for b in beats[:-1]]
+    base = (click_track(beats, 6.5, RATE, amplitude=0.8) + click_track(offbeats, 6.5, RATE, amplitude=0.25, seed=1)
+            + 0.001 * torch.randn(round(6.5 * RATE), generator=gen))
+    fps, window, start = 10, 0.5, 0.5
+    tl = build_timeline(base[None], RATE, locate(base), fps=fps, window_seconds=window, windows=WINDOW_MODES[3],
+                        start_seconds=start, length_seconds=5.5)
+    assert tl.frame_count == 55 and abs(tl.tempo_bpm - 120.0) <= 2.4
+    assert len(tl.onsets) == 22  # every attack of the span is an onset ...
+    inside = [b for b in beats if b < 6.0]
+    assert len(tl.beats) == len(inside) and all(abs(b - c) <= 0.01 for b, c in zip(tl.beats, inside))  # ... 11 beats
+    # beat k (0.55 + 0.5 k s) sounds during frame 5k (frame i shows [0.5 + i/10, 0.5 + (i+1)/10)): the known answer
+    got = tl.embedding.vectors["l"][:, 0].double()
+    switches = [i for i in range(1, 55) if got[i] != got[i - 1]]
+    assert switches == [5 * k for k in range(1, 11)]
+    expected = torch.tensor([tl.beats[i // 5] for i in range(55)], dtype=torch.float64)  # the window STARTS at the beat
+    torch.testing.assert_close(got, expected, atol=1.5 / RATE, rtol=0)
+    assert tl.window_starts == tl.beats  # frame 0 shows beat 0: the span start's own segment is never shown
+    onset_mode = build_timeline(base[None], RATE, locate(base), fps=fps, window_seconds=window,
+                                windows=WINDOW_MODES[2], start_seconds=start, length_seconds=5.5)
+    assert onset_mode.beats == [] and onset_mode.tempo_bpm == 0.0  # tracked only for the beat mode
+    assert len(onset_mode.window_starts) == 22  # the onset mode changes on the off-beat clicks too
+
+
+def test_beat_mode_without_beats_holds_one_window_from_the_start():
+    tl = build_timeline(ramp(3.0)[None], RATE, StartReader(), fps=5, window_seconds=1.0, windows=WINDOW_MODES[3],
+                        start_seconds=0.4)
+    assert tl.beats == [] and tl.tempo_bpm == 0.0 and tl.window_starts == [0.4]
+    assert starts_of(tl) == [0.4] * tl.frame_count
+
+
 def test_onset_in_the_last_window_is_clamped_into_the_recording():
     gen = torch.Generator().manual_seed(4)
     base = click_track([2.8], 3.0, RATE, amplitude=0.8) + 0.001 * torch.randn(3 * RATE, generator=gen)
@@ -412,7 +447,27 @@ def test_node_outputs_the_timeline_the_audio_span_and_the_ui(node_env):
     assert payload["window_seconds"] == 1.0 and payload["windows"] == WINDOW_MODES[0]
     assert payload["duration_seconds"] == 3.0 and payload["window_starts"] == tl.window_starts
     assert len(payload["onsets"]) == 2 and all(abs(a - b) <= 0.01 for a, b in zip(payload["onsets"], [0.9, 1.6]))
+    assert payload["beats"] == [] and payload["tempo_bpm"] == 0.0  # beats are the beat mode's
     json.dumps(out.ui)  # plain JSON for the frontend
+
+
+def test_node_ui_payload_of_the_beat_mode(node_env):
+    """The beat mode's payload lists the tracked beats (the change boundaries the frontend draws) and the tempo;
+    its window starts are the beats."""
+    node, _ = node_env
+    rate = 22050
+    beats = [0.3 + 0.5 * k for k in range(8)]
+    audio = {"waveform": click_track(beats, 4.2, rate, "noise")[None, None], "sample_rate": rate}
+    out = node.execute(audio=audio, audiotoken=_Cheap(), **dict(NODE_ARGS, windows=WINDOW_MODES[3], fps=10.0,
+                                                                start_seconds=0.2, length_seconds=4.0))
+    tl = out.args[0]
+    [payload] = out.ui["audiotoken_timeline"]
+    assert payload["windows"] == WINDOW_MODES[3] and payload["beats"] == tl.beats
+    assert len(payload["beats"]) == 8 and all(abs(a - b) <= 0.01 for a, b in zip(payload["beats"], beats))
+    assert abs(payload["tempo_bpm"] - 120.0) <= 2.4
+    # the span start's segment (frame 0), then one window per beat, those past 4.2 - 1 s clamped into the recording
+    assert payload["window_starts"] == pytest.approx(sorted({0.2, *(min(b, 3.2) for b in tl.beats)}), abs=1e-12)
+    json.dumps(out.ui)
 
 
 class _Cheap:

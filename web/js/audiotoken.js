@@ -3,7 +3,7 @@
 //  - audiotoken.audioPreview: on the audio nodes, the waveform with the window the token hears
 //    (drag it to move start_seconds), the spectrogram of that window and a player; on the
 //    Audio Timeline node, the frames' timeline (frame ticks, the windows they hear, the onsets
-//    of the last run) over the waveform and the recording's spectrogram, and a player for the frames' span;
+//    or, in the beat mode, the beats of the last run) over the waveform and the recording's spectrogram, and a player for the frames' span;
 //  - audiotoken.lossChart: on Train AudioToken, a live loss chart fed by progress messages.
 // Only public extension APIs are used (registerExtension, nodeCreated, addDOMWidget,
 // api.addEventListener, onExecuted), which exist in the frontend ComfyUI 0.3.75 pins and in later ones.
@@ -420,7 +420,7 @@ class AudiotokenPreview {
 
 // ---------------------------------------------------------------------------------------
 // Timeline widget (AudioTokenTimeline): the frames the recording becomes and what each hears.
-// Before a run it draws what the widgets imply; a run adds the onsets the server found (and its
+// Before a run it draws what the widgets imply; a run adds the onsets / beats the server found (and its
 // duration, which counts where the browser's decoder pads differently).
 
 class AudiotokenTimelinePreview extends AudiotokenPreview {
@@ -484,6 +484,7 @@ class AudiotokenTimelinePreview extends AudiotokenPreview {
     const plan = audiotokenTimelinePlan({
       duration, fps: p.fps, start: p.start, length: p.length, windowSeconds: p.windowSeconds, mode: p.mode, hop: p.hop,
       onsets: run ? run.onsets || [] : null,
+      beats: run ? run.beats || [] : null,
     });
     const current = run && Number(run.fps) === p.fps && Number(run.start_seconds) === p.start && run.windows === p.mode
       && Number(run.window_seconds) === p.windowSeconds && Number(run.frame_count) === plan.frameCount;
@@ -501,6 +502,8 @@ class AudiotokenTimelinePreview extends AudiotokenPreview {
       duration,
       spectrogram: this.spectrogram,
       onsets: run ? run.onsets || [] : null,
+      beats: run && p.mode === AUDIOTOKEN_WINDOW_MODES[3] ? run.beats || [] : null, // beat mode: drawn instead of the onsets
+      tempo: run ? Number(run.tempo_bpm) || 0 : 0,
       onsetNote: current ? "(last run)" : "(last run, other settings)",
       warning: plan.frameCount > p.maxFrames ? `${plan.frameCount} frames > max_frames (${p.maxFrames}): the node refuses` : "",
       message: d ? "" : "no waveform: the audio is not a file (timeline of the last run)",

@@ -1,7 +1,7 @@
 // AudioToken frame timeline: which frames a recording becomes and which audio each frame hears, as the
 // AudioTokenTimeline node computes them (time base in audiotoken_audio.js), and its drawing: the waveform with
-// the frames' span shaded, the frame ticks, the windows the frames hear, the onsets of the last run and a
-// spectrogram. No ComfyUI imports: plain functions.
+// the frames' span shaded, the frame ticks, the windows the frames hear, the onsets (or, in the beat mode, the
+// beats) of the last run and a spectrogram. No ComfyUI imports: plain functions.
 
 import {
   audiotokenCentredWindowStart,
@@ -20,8 +20,8 @@ import {
 } from "./audiotoken_audio.js";
 
 // The node's `windows` options (audiotoken_core/timeline.py WINDOW_MODES).
-export const AUDIOTOKEN_WINDOW_MODES = ["centred on each frame", "every hop", "from each onset"];
-const [, HOP, ONSET] = AUDIOTOKEN_WINDOW_MODES; // the first: centred
+export const AUDIOTOKEN_WINDOW_MODES = ["centred on each frame", "every hop", "from each onset", "from each beat"];
+const [, HOP, ONSET, BEAT] = AUDIOTOKEN_WINDOW_MODES; // the first: centred
 
 export const AUDIOTOKEN_TIMELINE_COLORS = {
   span: "rgba(95, 211, 255, 0.13)",
@@ -29,6 +29,7 @@ export const AUDIOTOKEN_TIMELINE_COLORS = {
   tick: "#5fd3ff",
   window: "#ffb347",
   onset: "#ff4fd8",
+  beat: "#7dff6a",
   focus: "#ffffff",
 };
 const MIN_TICK_GAP_PX = 4; // closer frame ticks are thinned to every 2nd, 5th, 10th, ... frame
@@ -40,15 +41,17 @@ const NICE_STEPS = [1, 2, 5];
 /**
  * What the node will compute for these settings: {frameCount, fps, start, end, mode, windowSeconds, windows:
  * [{start, length}], hears(i) -> [{window, weight}] (indices into windows), onsetsKnown}.
- * `onsets` (recording seconds, ascending) come from a run; without them the onset mode knows only its first
- * segment. Windows are those the frames hear, in time order: per frame (centred), the hop windows the frames
- * blend (window k starts at k * hop, as the node cuts them), per onset segment; their distinct starts are the
- * node's `window_starts`.
+ * `onsets` and `beats` (recording seconds, ascending) come from a run; without them the onset (beat) mode knows
+ * only its first segment, and onsetsKnown (the mode's boundaries are known) is false. The beat mode is the onset
+ * mode with the beats as boundaries. Windows are those the frames hear, in time order: per frame (centred), the
+ * hop windows the frames blend (window k starts at k * hop, as the node cuts them), per onset (beat) segment;
+ * their distinct starts are the node's `window_starts`.
  */
-export function audiotokenTimelinePlan({ duration, fps, start = 0, length = 0, windowSeconds, mode, hop, onsets = null }) {
+export function audiotokenTimelinePlan({ duration, fps, start = 0, length = 0, windowSeconds, mode, hop, onsets = null, beats = null }) {
   const frameCount = audiotokenFrameCount(duration, fps, start, length);
   const end = audiotokenSpanEnd(frameCount, fps, start);
-  const plan = { frameCount, fps, start, end, mode, windowSeconds, duration, onsetsKnown: onsets != null };
+  const boundaries = mode === BEAT ? beats : onsets;
+  const plan = { frameCount, fps, start, end, mode, windowSeconds, duration, onsetsKnown: boundaries != null };
   if (mode === HOP) {
     const centres = audiotokenHopWindowCentres(duration, windowSeconds, hop);
     const positions = Array.from({ length: frameCount }, (_, i) => audiotokenHopPosition(audiotokenFrameCentre(i, fps, start), centres, hop));
@@ -59,9 +62,9 @@ export function audiotokenTimelinePlan({ duration, fps, start = 0, length = 0, w
       const { k, next, u } = positions[i];
       return next === k ? [{ window: row.get(k), weight: 1 }] : [{ window: row.get(k), weight: 1 - u }, { window: row.get(next), weight: u }];
     };
-  } else if (mode === ONSET) {
+  } else if (mode === ONSET || mode === BEAT) {
     // Segments no frame shows (two onsets within one frame: the later one wins) are left out, as the node does.
-    const all = audiotokenOnsetSegments(onsets || [], fps, start, frameCount);
+    const all = audiotokenOnsetSegments(boundaries || [], fps, start, frameCount);
     const segmentOf = Array.from({ length: frameCount }, (_, i) => audiotokenOnsetSegmentOf(i, all));
     const used = [...new Set(segmentOf)];
     const row = new Map(used.map((j, r) => [j, r]));
@@ -119,6 +122,9 @@ function modeText(plan) {
   if (plan.mode === ONSET) {
     return plan.onsetsKnown ? `${plan.windows.length} windows of ${win}, one per onset segment` : "onset windows: run the graph to detect the onsets";
   }
+  if (plan.mode === BEAT) {
+    return plan.onsetsKnown ? `${plan.windows.length} windows of ${win}, one per beat` : "beat windows: run the graph to track the beats";
+  }
   return `${win} window centred on each frame`;
 }
 
@@ -129,8 +135,10 @@ function vline(ctx, x, y, h, color, width = 1) {
 
 /**
  * Draw the timeline. state = {plan, mono (Float32Array or null), duration, spectrogram (canvas of the whole
- * recording) or null, onsets ([seconds] of the last run) or null, onsetNote, warning, focusFrame (index or
- * null), playhead (seconds or null), message}. Records what it drew in state.drawn (CSS px) for tests and hit testing.
+ * recording) or null, onsets ([seconds] of the last run) or null, beats ([seconds] of the last run, beat mode
+ * only: drawn instead of the onsets, as they are its change boundaries) or null, tempo (BPM of the last run),
+ * onsetNote, warning, focusFrame (index or null), playhead (seconds or null), message}. Records what it drew in
+ * state.drawn (CSS px) for tests and hit testing.
  */
 export function audiotokenDrawTimeline(canvas, state) {
   const dpr = window.devicePixelRatio || 1;
@@ -148,7 +156,7 @@ export function audiotokenDrawTimeline(canvas, state) {
   const xOf = (t) => P.wave.x + (t / span) * P.wave.w;
   const focus = state.focusFrame ?? null;
   const heard = focus == null ? [] : plan.hears(focus);
-  const drawn = { panels: P, span, ticks: [], onsets: [], tickStep: 1 };
+  const drawn = { panels: P, span, ticks: [], onsets: [], beats: [], tickStep: 1 };
 
   // Waveform of the recording, the frames' span shaded; the windows the focused frame hears behind it.
   ctx.fillStyle = "#0b1116";
@@ -217,15 +225,19 @@ export function audiotokenDrawTimeline(canvas, state) {
   for (const { window } of heard) line(window, C.focus);
   drawn.windowLines = Math.ceil(count / every);
 
-  // Onsets of the last run, across the waveform (with a marker on top) and the spectrogram.
-  const onsets = state.onsets || [];
+  // Onsets of the last run, across the waveform (with a marker on top) and the spectrogram; in the beat mode
+  // its beats instead (the mode's change boundaries), in their own colour.
+  const beatMode = state.beats != null;
+  const marks = (beatMode ? state.beats : state.onsets) || [];
 
   // Caption: the frames and windows, or what the focused frame hears; on the right the onsets or a warning.
   ctx.fillStyle = "#c8d3dc";
   const tickNote = ticks.step > 1 ? ` (a tick every ${ticks.step} frames)` : "";
   const frames = `${plan.frameCount} frames at ${plan.fps} fps, ${audiotokenFormatSeconds(plan.start)} to ${audiotokenFormatSeconds(plan.end)}`;
   ctx.fillText(focus != null ? focusText(plan, focus, heard) : `${frames}${tickNote}; ${modeText(plan)}`, P.caption.x, P.caption.y + 1);
-  const right = state.warning || (focus == null && state.onsets ? `${onsets.length} onsets ${state.onsetNote || ""}` : "");
+  const tempo = state.tempo > 0 ? ` at ${state.tempo.toFixed(1)} BPM` : "";
+  const marksText = beatMode ? `${marks.length} beats${tempo}` : `${marks.length} onsets`;
+  const right = state.warning || (focus == null && (beatMode || state.onsets) ? `${marksText} ${state.onsetNote || ""}` : "");
   ctx.textAlign = "right";
   ctx.fillStyle = state.warning ? C.window : "#c8d3dc";
   ctx.fillText(right, P.caption.x + P.caption.w, P.caption.y + 1);
@@ -241,18 +253,19 @@ export function audiotokenDrawTimeline(canvas, state) {
     ctx.fillRect(P.spec.x, P.spec.y, Math.max(0, spanX0 - P.spec.x), P.spec.h);
     ctx.fillRect(spanX1, P.spec.y, Math.max(0, P.spec.x + P.spec.w - spanX1), P.spec.h);
   }
-  for (const t of onsets) {
+  const markColor = beatMode ? C.beat : C.onset;
+  for (const t of marks) {
     const x = xOf(t);
     if (x < P.wave.x || x > P.wave.x + P.wave.w) continue;
-    vline(ctx, x, P.wave.y, P.wave.h, C.onset);
-    vline(ctx, x, P.spec.y, P.spec.h, C.onset);
-    ctx.fillStyle = C.onset;
+    vline(ctx, x, P.wave.y, P.wave.h, markColor);
+    vline(ctx, x, P.spec.y, P.spec.h, markColor);
+    ctx.fillStyle = markColor;
     ctx.beginPath();
     ctx.moveTo(Math.round(x) - 3.5, P.wave.y);
     ctx.lineTo(Math.round(x) + 4.5, P.wave.y);
     ctx.lineTo(Math.round(x) + 0.5, P.wave.y + 5);
     ctx.fill();
-    drawn.onsets.push(Math.round(x));
+    (beatMode ? drawn.beats : drawn.onsets).push(Math.round(x));
   }
   if (state.playhead != null) {
     vline(ctx, xOf(state.playhead), P.wave.y, P.wave.h, C.focus, 1.5);
