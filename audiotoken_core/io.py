@@ -10,6 +10,7 @@ and atomic writes.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -27,6 +28,7 @@ __all__ = [
     "save_torch",
     "load_torch_weights_only",
     "is_safetensors",
+    "git_blob_id",
 ]
 
 # What a legacy (pre-zip) tensor pickle names besides code: tensor rebuild helpers, storages, containers.
@@ -35,6 +37,17 @@ _LEGACY_TENSOR_GLOBALS = ("torch._utils._rebuild", "torch.Size", "torch.device",
 
 class UnsafeFileError(ValueError):
     """A pickle that would run code when loaded; refused."""
+
+
+def git_blob_id(path: str | os.PathLike) -> str:
+    """The id git gives the file's content (`git hash-object`): sha1 of b"blob <size>\\0" + content.
+
+    A fixed identity for files whose publishers give no checksum but keep them in a git repository."""
+    digest = hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

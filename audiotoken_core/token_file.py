@@ -29,7 +29,7 @@ from .beats import BEATsConfig
 from .embedder import REFERENCE_STATE_DICT_NAMES, Embedder, EmbedderConfig, state_dict_problems
 from .embedding import AudioEmbedding
 from .encoders import DEFAULT_BEATS_LAYERS
-from .io import is_safetensors, load_torch_weights_only, save_safetensors
+from .io import git_blob_id, is_safetensors, load_torch_weights_only, save_safetensors
 
 __all__ = [
     "AudioToken",
@@ -300,6 +300,11 @@ def load_audiotoken(path: str | os.PathLike, *, stochastic_pooling: bool | None 
 # --------------------------------------------------------------------------- reference import
 
 
+# The authors publish no checksum; this is the git object id of output/embedder_learned_embeds.bin in
+# guyyariv/AudioToken (one commit, May 2023, not Git LFS): `git hash-object` of an intact download.
+AUTHORS_RELEASE_GIT_BLOB_ID = "5d1f5c101e5b5e1fdf5637a2e372b0d441b09639"
+
+
 def _find_reference_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:
     """The 13 Embedder tensors inside a loaded checkpoint, nested under keys or prefixed (``module.``)."""
     flat: dict[str, Any] = {}
@@ -336,7 +341,9 @@ def import_reference_embedder(
     refused with ``UnsafeFileError``); a safetensors file with the same tensors is accepted too. The
     13-tensor state dict may be nested under keys (``{"state_dict": ...}``) or prefixed (``module.``);
     sizes come from ``fc1``/``fc2``. The text-encoder key follows from the width (768 -> ``l``,
-    1024 -> ``h``, 1280 -> ``g``) unless given; ``encoder`` defaults to BEATs layers 4, 8, 12.
+    1024 -> ``h``, 1280 -> ``g``) unless given; ``encoder`` defaults to BEATs layers 4, 8, 12. The
+    training metadata records the file's git object id and whether it is the authors' release
+    (``authors_release``: the id equals AUTHORS_RELEASE_GIT_BLOB_ID; a retrained .bin of your own is not).
     """
     path = os.fspath(path)
     name = os.path.basename(path)
@@ -352,6 +359,7 @@ def import_reference_embedder(
     else:
         obj = load_torch_weights_only(path, "the reference embedder_learned_embeds.bin")
     state = _find_reference_state_dict(obj, name)
+    blob_id = git_blob_id(path)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or not v.is_floating_point()
            or not bool(torch.isfinite(v).all())]
     if bad:
@@ -372,6 +380,8 @@ def import_reference_embedder(
                 "origin": "reference",
                 "reference_repository": "guyyariv/AudioToken",
                 "imported_from": name,
+                "git_blob_id": blob_id,
+                "authors_release": blob_id == AUTHORS_RELEASE_GIT_BLOB_ID,
                 "base_model": {768: "CompVis/stable-diffusion-v1-4"}.get(embedder.output_dim, "unknown"),
             },
             description=description if description is not None else (

