@@ -6,8 +6,9 @@
     encoder.spec.check_token(token.encoder, "AudioToken 'dog'")   # can the token read these features?
 
 `path` is either a BEATs checkpoint file (.pt / .pth / .ckpt official pickle, read
-weights-only, or .safetensors written by `beats_checkpoint.save_beats_safetensors`) or a
-local transformers folder (config.json + *.safetensors) holding an AST, wav2vec2 or HuBERT model.
+weights-only, or .safetensors written by `beats_checkpoint.save_beats_safetensors`), Resemblyzer's
+GE2E speaker encoder `pretrained.pt` (kind "ge2e", `speaker.py`; told apart from BEATs by its keys),
+or a local transformers folder (config.json + *.safetensors) holding an AST, wav2vec2, HuBERT or CLAP model.
 
 Layers are 1-indexed transformer layers; their outputs are concatenated on the feature
 axis in the order given. The default is the reference's BEATs (4, 8, 12), i.e. the same
@@ -55,7 +56,7 @@ class AudioEncoderFileError(ValueError):
 class EncoderSpec:
     """What an encoder produces: `feature_dim = hidden_size * len(layers)` features per token."""
 
-    kind: str  # "beats" | "ast" | "wav2vec2" | "hubert"
+    kind: str  # "beats" | "ast" | "wav2vec2" | "hubert" | "clap" | "whisper" | "ge2e"
     layers: tuple[int, ...]  # 1-indexed transformer layers, concatenated on the feature axis
     hidden_size: int
     sample_rate: int = TARGET_SAMPLE_RATE
@@ -177,8 +178,17 @@ class BEATsAudioEncoder(AudioEncoder):
         return {i: hidden[i - 1] for i in self.spec.layers}
 
 
+def _ge2e_model(path: Path):
+    """The GE2E network if `path` is a Resemblyzer speaker-encoder checkpoint (recognised by its keys after
+    weights-only loading), else None. A BEATs file is then read again by its own loader."""
+    from .io import is_safetensors
+    from .speaker import read_ge2e_checkpoint
+
+    return None if is_safetensors(path) else read_ge2e_checkpoint(path)
+
+
 def load_audio_encoder(path: str | Path, layers: Sequence[int] | None = None) -> AudioEncoder:
-    """Load a frozen audio encoder from a BEATs checkpoint file or a transformers folder.
+    """Load a frozen audio encoder from a BEATs or Resemblyzer (GE2E) checkpoint file or a transformers folder.
 
     Raises AudioEncoderFileError for paths that do not hold a usable encoder (`io.UnsafeFileError`
     for a pickle that carries code) and ValueError (naming the valid range) for layers the
@@ -191,16 +201,21 @@ def load_audio_encoder(path: str | Path, layers: Sequence[int] | None = None) ->
         if not (path / "config.json").is_file():
             raise AudioEncoderFileError(
                 f"{path} is a folder without config.json; an audio-encoder folder is a transformers model folder "
-                "(config.json + *.safetensors) of an AST, wav2vec2 or HuBERT model"
+                "(config.json + *.safetensors) of an AST, wav2vec2, HuBERT or CLAP model"
             )
         from .hf_encoders import HFAudioEncoder
 
         encoder: AudioEncoder = HFAudioEncoder.from_folder(path, layers=layers)
     elif path.suffix.lower() not in BEATS_FILE_SUFFIXES:
         raise AudioEncoderFileError(
-            f"{path.name}: unsupported audio-encoder file type {path.suffix or '(none)'!r}; expected a BEATs checkpoint "
+            f"{path.name}: unsupported audio-encoder file type {path.suffix or '(none)'!r}; expected a BEATs or "
+            f"Resemblyzer (GE2E speaker encoder) checkpoint "
             f"({', '.join(BEATS_FILE_SUFFIXES)}) or a transformers model folder"
         )
+    elif (speaker := _ge2e_model(path)) is not None:
+        from .speaker import SpeakerAudioEncoder
+
+        encoder = SpeakerAudioEncoder(speaker, layers)
     else:
         from .beats_checkpoint import load_beats_state
 

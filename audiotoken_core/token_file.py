@@ -208,7 +208,8 @@ def _guess_kind(names: Sequence[str], meta: Mapping[str, str]) -> str | None:
         return "a CLIP text-encoder checkpoint"
     if any(s in name_set for s in ("emb_params", "string_to_param", "clip_l", "clip_g")):
         return "a textual-inversion embedding"
-    if any(s in joined for s in ("wav2vec2", "hubert", "audio_spectrogram_transformer", "feature_extractor.conv_layers")):
+    if any(s in joined for s in ("wav2vec2", "hubert", "audio_spectrogram_transformer", "feature_extractor.conv_layers",
+                                 "encoder.conv2.", "audio_encoder.layers")):  # the last two: Whisper, CLAP
         return "an audio-encoder (transformers) checkpoint"
     return None
 

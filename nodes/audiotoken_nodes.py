@@ -32,8 +32,21 @@ POOLING_MODES = ["deterministic", "reference (stochastic)"]
 EMBEDDING_SUBFOLDER = "audiotoken_embeddings"
 
 
+# The words each node is found by in the node search, for this module and for web/js/audiotoken_search.js (which
+# adds them where the server cannot send them: ComfyUI 0.3.75's io.Schema has no search_aliases).
+SEARCH_ALIASES_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web",
+                                   "search_aliases.json")
+with open(SEARCH_ALIASES_FILE, encoding="utf-8") as _f:
+    SEARCH_ALIASES: dict[str, list[str]] = json.load(_f)
+
+
 def schema(**kwargs) -> io.Schema:
-    """io.Schema, dropping fields an older ComfyUI lacks (search_aliases arrived after 0.3.75)."""
+    """io.Schema with the node's search aliases from web/search_aliases.json, dropping fields an older ComfyUI lacks
+    (search_aliases arrived after 0.3.75)."""
+    if "search_aliases" in kwargs:
+        raise ValueError(f"{kwargs.get('node_id')}: search aliases belong in web/search_aliases.json (the one list the "
+                         "server and the frontend read); move them there and drop the search_aliases argument.")
+    kwargs["search_aliases"] = SEARCH_ALIASES.get(kwargs["node_id"], [])
     fields = {f.name for f in dataclasses.fields(io.Schema)}
     return io.Schema(**{k: v for k, v in kwargs.items() if k in fields})
 
@@ -102,14 +115,16 @@ class AudioEncoderLoader(io.ComfyNode):
             display_name="Load Audio Encoder (AudioToken)",
             category=CATEGORY,
             description="Loads the frozen audio encoder an AudioToken listens through: an official BEATs checkpoint "
-                        "(.pt or converted .safetensors) or a transformers AST / wav2vec2 / HuBERT folder, from models/audio_encoders.",
-            search_aliases=["BEATs", "audio encoder", "AST", "wav2vec2", "HuBERT"],
+                        "(.pt or converted .safetensors), Resemblyzer's GE2E speaker encoder pretrained.pt (one voice vector "
+                        "per 1.6 s of speech) or a transformers AST / wav2vec2 / HuBERT / CLAP folder, from models/audio_encoders.",
             inputs=[
                 io.Combo.Input("encoder_name", options=mf.list_files(mf.AUDIO_ENCODER_FOLDER, ENCODER_SUFFIXES),
                                tooltip="BEATs checkpoint (e.g. BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt) or the weights file of a "
                                        "transformers folder (config.json beside it) in models/audio_encoders."),
                 io.String.Input("layers", default="auto",
                                 tooltip="Transformer layers whose outputs are concatenated (1-indexed). 'auto' = the reference 4,8,12 for BEATs. "
+                                        "For CLAP: the blocks of its last stage (1,2 for HTSAT); the GE2E speaker encoder has "
+                                        "one (1). "
                                         "Must match what the AudioToken was trained with."),
             ],
             outputs=[ENCODER.Output(display_name="audio_encoder", tooltip="The frozen audio encoder.")],
@@ -137,7 +152,6 @@ class AudioTokenLoader(io.ComfyNode):
             category=CATEGORY,
             description="Loads trained AudioToken weights (.safetensors from models/audiotoken) and binds them to the audio "
                         "encoder they were trained with. Convert the reference release with 'Import Reference AudioToken'.",
-            search_aliases=["audiotoken", "audio embedder"],
             inputs=[
                 io.Combo.Input("audiotoken_name", options=mf.list_files(mf.AUDIOTOKEN_FOLDER, TOKEN_SUFFIXES),
                                tooltip="AudioToken weights file in models/audiotoken."),
@@ -207,7 +221,6 @@ class AudioTokenEmbedWindows(io.ComfyNode):
             description="Slices a long recording into windows (e.g. 10 s every 10 s) and embeds each one, so a soundscape "
                         "or a podcast becomes a batch: with 'AudioToken Conditioning' and an empty latent of the same batch "
                         "size, KSampler draws one image per window.",
-            search_aliases=["audio windows", "soundscape", "long audio"],
             inputs=[io.Audio.Input("audio", tooltip="A long recording (any rate 8-192 kHz, any channels)."),
                     AUDIOTOKEN.Input("audiotoken", tooltip="From 'Load AudioToken'."),
                     io.Float.Input("window_seconds", default=REFERENCE_CLIP_SECONDS, min=0.5, max=60.0, step=0.5,
@@ -267,7 +280,6 @@ class AudioTokenEncode(io.ComfyNode):
             category=CATEGORY,
             description="The whole AudioToken path in one node: audio -> audio encoder -> Embedder -> the placeholder's word "
                         "embedding -> CLIP -> CONDITIONING. Also outputs the audio embedding for saving or blending.",
-            search_aliases=["audio to image", "sound to image", "audio conditioning"],
             inputs=[io.Clip.Input("clip", tooltip=CLIP_TOOLTIP),
                     io.Audio.Input("audio", tooltip="Any ComfyUI AUDIO: any sample rate 8-192 kHz, any channel count; "
                                                     "a batch gives one conditioning row per clip."),
@@ -414,8 +426,10 @@ class AudioTokenImportReference(io.ComfyNode):
         if problem:
             raise FileNotFoundError(problem)
         target = mf.output_path(mf.AUDIOTOKEN_FOLDER, output_name, ".safetensors", overwrite=overwrite)
-        save_audiotoken(target, import_reference_embedder(mf.resolve(mf.AUDIOTOKEN_FOLDER, reference_file)))
-        return io.NodeOutput(os.path.basename(target), ui={"text": [json.dumps({"written": target})]})
+        token = import_reference_embedder(mf.resolve(mf.AUDIOTOKEN_FOLDER, reference_file))
+        save_audiotoken(target, token)
+        identity = {k: token.training_info[k] for k in ("git_blob_id", "authors_release")}
+        return io.NodeOutput(os.path.basename(target), ui={"text": [json.dumps({"written": target, **identity})]})
 
 
 NODES = [

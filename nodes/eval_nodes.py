@@ -61,7 +61,6 @@ class AudioTokenEvaluate(io.ComfyNode):
                         "text label (topline) and by an untrained token (floor) with the same seed. Metrics whose model "
                         f"is not given are n/a. Results, images and a contact sheet go to output/{EVAL_SUBFOLDER}/<name>/; "
                         "a rerun with the same settings resumes where it stopped.",
-            search_aliases=["evaluate audiotoken", "AIS", "IIS", "FID", "AIC", "metrics"],
             inputs=[
                 io.Model.Input("model", tooltip="MODEL from your checkpoint loader."),
                 io.Clip.Input("clip", tooltip="CLIP from the same checkpoint."),
@@ -165,8 +164,6 @@ class AudioTokenAVAlign(io.ComfyNode):
                         "an audio peak within one frame of a video peak is a match; score = matches / (audio peaks + "
                         "video peaks - matches), 0..1 (1: every sound event has its motion and vice versa). The audio "
                         "must start with the first frame (e.g. the Timeline node's audio output).",
-            search_aliases=["av-align", "av align", "audio video alignment", "sync score", "onset motion iou",
-                            "tempotokens"],
             inputs=[
                 io.Image.Input("images", tooltip="The video's frames as one IMAGE batch [frames, height, width, 3], "
                                                  "in playing order (at least 3)."),

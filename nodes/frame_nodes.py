@@ -222,7 +222,6 @@ class AudioTokenFrameConditioning(io.ComfyNode):
                         "the placeholder, the audio word's weight scaled by the frame's weight (onsets). Rows share "
                         "batched text-encoder passes and identical rows are encoded once, so hundreds of frames cost "
                         "about one batched pass. Feed it to 'AudioToken Sample Frames'.",
-            search_aliases=["music video", "audio to video", "frame conditioning", "per-frame prompt"],
             inputs=[io.Clip.Input("clip", tooltip=CLIP_TOOLTIP),
                     TIMELINE.Input("timeline", tooltip="From 'AudioToken Audio Timeline (frames)': one audio vector per frame."),
                     *_prompt_inputs()],
@@ -268,7 +267,6 @@ class AudioTokenSampleFrames(io.ComfyNode):
                         "conditioning row and temporally coherent noise (the same for every frame, or slowly "
                         "varying), in batches of frames_per_batch; optionally each frame starts from the previous "
                         "one (img2img chaining). Decode with VAE Decode and write with Create Video.",
-            search_aliases=["music video", "frame sampler", "batch ksampler", "coherent noise", "img2img chain"],
             inputs=[io.Model.Input("model", tooltip="The image model (SD1.x, SD2.x, SDXL, Flux.1, ...)."),
                     io.Conditioning.Input("positive", tooltip="One row per frame, from 'AudioToken Frame Conditioning' "
                                                               "(a one-row conditioning is used for every frame)."),
@@ -306,7 +304,6 @@ class AudioTokenFrameNoise(io.ComfyNode):
             category=CATEGORY,
             description="NOISE for SamplerCustomAdvanced with temporally coherent noise over the latent batch "
                         "(one row per frame): the same for every frame, or slowly varying.",
-            search_aliases=["coherent noise", "video noise", "frame noise"],
             inputs=[io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                                  tooltip="Seed of the noise."),
                     io.Combo.Input("noise", options=list(NOISE_MODES), default=NOISE_MODES[0], tooltip=NOISE_TOOLTIP),

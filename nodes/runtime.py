@@ -44,9 +44,13 @@ class LoadedEncoder:
 
     encoder: AudioEncoder
     name: str
+    #: manages the encoder's weights. None makes one; an encoder running a model ComfyUI already manages (core's
+    #: AUDIO_ENCODER, nodes/core_audio_encoder.py) passes that model's own patcher, so the weights have one owner.
+    patcher: comfy.model_patcher.ModelPatcher | None = None
 
     def __post_init__(self):
-        self.patcher = _patcher(encoder=self.encoder)
+        if self.patcher is None:
+            self.patcher = _patcher(encoder=self.encoder)
 
 
 @dataclass
@@ -92,8 +96,8 @@ class LoadedAudioToken:
         parts = []
         with torch.no_grad():
             for chunk in wave16.split(ENCODE_BATCH):
-                features = self.encoder.encoder(chunk.to(device))
-                parts.append(self.token.embed(features))
+                features = self.encoder.encoder(chunk.to(device))  # on the encoder's own load device
+                parts.append(self.token.embed(features.to(device)))
         return {k: torch.cat([p.vectors[k] for p in parts]).float().cpu() for k in parts[0].vectors}
 
     def _embed(self, wave16: torch.Tensor, source: str) -> AudioEmbedding:

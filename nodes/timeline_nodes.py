@@ -58,7 +58,6 @@ class AudioTokenTimeline(io.ComfyNode):
                         "from each onset or each tracked beat, held until the next). Only the windows the frames need "
                         "are embedded, so a long file costs what its frames cost. Also gives the audio the frames show, "
                         "for CreateVideo.",
-            search_aliases=["music video", "audio to video", "frames", "timeline", "onsets", "beat"],
             inputs=[
                 io.Audio.Input("audio", tooltip="One recording (any rate 8-192 kHz, any channels); a batch of several is refused."),
                 AUDIOTOKEN.Input("audiotoken", tooltip="From 'Load AudioToken'."),

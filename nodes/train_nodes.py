@@ -145,7 +145,6 @@ class AudioTokenTrain(io.ComfyNode):
                         "Writes models/audiotoken/<name>.safetensors when training completes, and checkpoints in "
                         "models/audiotoken/<name>_checkpoints that the loader lists and that resume continues. Cancel "
                         "keeps the last completed step as a checkpoint; queue the graph again to continue.",
-            search_aliases=["train audiotoken", "audio embedder training"],
             inputs=[
                 io.Model.Input("model", tooltip="MODEL from your checkpoint or diffusion-model loader (SD1.x, SD2.x, "
                                                 "SDXL, SD3.x, Flux.1, Wan 2.x, Qwen-Image...)."),
@@ -234,11 +233,13 @@ class AudioTokenTrain(io.ComfyNode):
         with ComfyBackend(model, clip, vae, gradient_checkpointing=gradient_checkpointing,
                           text_encoder_checkpointing=text_encoder_checkpointing, guidance=guidance) as backend:
             mm.load_models_gpu([audio_encoder.patcher])
-            device = audio_encoder.patcher.load_device
+            # The encoder runs where its patcher loads it (core's AUDIO_ENCODER: the text-encoder device, which
+            # may be the CPU); the Embedder trains on ComfyUI's compute device.
+            encoder_device, device = audio_encoder.patcher.load_device, mm.get_torch_device()
             encode_images, image_settings = latent_encoder(backend, vae, model, config)
             batches = build_train_batches(
                 dataset.items, batch_size=batch_size, seed=seed, image_size=dataset.image_size,
-                encode_audio=lambda w: encoder(w.to(device)).float().cpu(),
+                encode_audio=lambda w: encoder(w.to(encoder_device)).float().cpu(),
                 encode_images=encode_images,
                 cache_dir=feature_cache_dir(dataset.name) if cache_features else None,
                 cache_settings={"encoder": audio_encoder.name, "spec": encoder.spec.to_dict(),

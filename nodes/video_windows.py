@@ -263,7 +263,6 @@ class AudioTokenVideoWindows(io.ComfyNode):
             description="Wan 2.x sound -> video: samples the video in context windows (as 'WAN Context Windows') and "
                         "gives each window the prompt with the audio of its own time span, so each part of the clip "
                         "hears its own part of the sound. Use BOTH outputs: the MODEL and the positive belong together.",
-            search_aliases=["sound to video", "audio to video", "wan audio", "music video", "context windows audio"],
             inputs=[
                 io.Model.Input("model", tooltip="A Wan 2.x video model."),
                 io.Clip.Input("clip", tooltip=CLIP_TOOLTIP),

@@ -56,7 +56,7 @@ def output_name(output) -> str:
 
 
 def test_the_pages_cover_the_pack_and_not_the_test_nodes(schemas, docs_dir):
-    assert len(schemas) == 19 and all(node_id.startswith("AudioToken") for node_id in schemas)
+    assert len(schemas) == 20 and all(node_id.startswith("AudioToken") for node_id in schemas)
     assert not any(node_id.startswith("AudioTokenTest_") for node_id in schemas)  # tests/comfy_test_nodes
     assert not list(docs_dir.glob("AudioTokenTest_*"))
 

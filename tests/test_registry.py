@@ -30,7 +30,7 @@ COMFY_CLI_VENV = Path(sys.prefix) / "comfy-cli"
 
 # What ComfyUI loads from the pack, and the command-line tools its messages name (scripts/convert_beats.py,
 # scripts/import_reference_token.py ...): these must be in the published archive.
-RUNTIME_FOLDERS = {"nodes", "audiotoken_core", "web", "locales", "workflows", "scripts"}
+RUNTIME_FOLDERS = {"nodes", "audiotoken_core", "web", "locales", "workflows", "subgraphs", "scripts"}
 RUNTIME_FILES = {"__init__.py", "requirements.txt", "pyproject.toml", "LICENSE", "README.md"}
 # Needed only to develop, test or document the pack; a new top-level folder must be put in one of the two sets.
 DEVELOPMENT_FOLDERS = {"tests", "tools", "benchmarks", "docs", "assets", ".ci"}

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from audio_files import write_tone
-from audiotoken_core.token_file import load_audiotoken
+from audiotoken_core.embedder import Embedder, EmbedderConfig
+from audiotoken_core.speaker import GE2E
+from audiotoken_core.token_file import AudioToken, load_audiotoken, save_audiotoken
 from comfy_fixtures import (BEATS, CKPT, REFERENCE_BIN, TOKEN_SD15, sdxl_and_base_models,  # noqa: F401 (fixture)
                             write_eval_set)
 from test_browser import NEWER_FRONTEND, browser  # noqa: F401 (fixture: one Chromium for both frontends)
@@ -45,13 +49,14 @@ SDXL = "audiotoken_sdxl_audio_to_image"
 TRAIN = "audiotoken_sd15_train_from_folder"
 IMPORT = "audiotoken_import_reference"
 EVALUATE = "audiotoken_sd15_evaluate"
+VOICE = "audiotoken_sd15_voice_to_face"
 # workflow -> the model family its loaders load (tools.placeholder_dit / tools.tiny_text_encoders names)
 FAMILIES = {"audiotoken_flux_audio_to_image": "flux", "audiotoken_sd35_audio_to_image": "sd3",
             "audiotoken_wan_audio_to_video": "wan"}
 # sound -> video: workflow -> its model family ("sd15": the session checkpoint) and the frames its tiny run makes
 VIDEOS = {"audiotoken_sd15_music_video": ("sd15", 3), "audiotoken_flux_music_video": ("flux", 3),
           "audiotoken_wan_soundscape_video": ("wan", 9)}
-ALL = [*SD15_SIMPLE, SDXL, TRAIN, IMPORT, EVALUATE, *FAMILIES, *VIDEOS]
+ALL = [*SD15_SIMPLE, SDXL, TRAIN, IMPORT, EVALUATE, VOICE, *FAMILIES, *VIDEOS]
 DATASET = "workflow_tones"
 EVAL_SET = "workflow_eval_tones"
 
@@ -144,6 +149,34 @@ def test_sd15_workflows_validate_and_run(comfy, name):
     for path in images:
         with Image.open(path) as img:
             assert img.size == (64, 64)
+
+
+@pytest.fixture(scope="module")
+def voice_models(comfy):
+    """For the voice -> face workflow: a GE2E speaker encoder in Resemblyzer's file format with random weights, a
+    random SD1.5 token made for its features (kind ge2e), and espeak-ng speech under the workflow's audio name."""
+    models = comfy.base / "models"
+    torch.manual_seed(7)
+    torch.save({"step": 0, "model_state": GE2E().state_dict()}, models / "audio_encoders" / "ge2e_random.pt")
+    token = AudioToken(embedders={"l": Embedder(EmbedderConfig(input_dim=256, output_dim=768))},
+                       encoder={"kind": "ge2e", "layers": [1], "hidden_size": 256, "sample_rate": 16000},
+                       description="random test token (GE2E speaker features)")
+    save_audiotoken(models / "audiotoken" / "token_sd15_ge2e.safetensors", token)
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("`espeak-ng` is not installed; install it with `apt-get install -y espeak-ng` (CI does)")
+    audio = next(n for n in _load(VOICE)["nodes"] if n["type"] == "LoadAudio")["widgets_values"][0]
+    subprocess.run(["espeak-ng", "-w", str(comfy.base / "input" / audio), "A voice becomes a face."], check=True)
+    return _overrides(AudioTokenEncoderLoader={"encoder_name": "ge2e_random.pt"},
+                      AudioTokenLoader={"audiotoken_name": "token_sd15_ge2e.safetensors"}, LoadAudio={"audio": audio})
+
+
+def test_voice_workflow_validates_and_runs_on_a_speaker_encoder(comfy, voice_models):
+    """The workflow as saved but for its model files: speech -> GE2E speaker vectors -> a ge2e token -> an image."""
+    entry = _ok(comfy.run(_convert_ok(comfy, VOICE, voice_models)))
+    images = _images(comfy, entry)
+    assert len(images) == 1
+    with Image.open(images[0]) as img:
+        assert img.size == (64, 64)
 
 
 def _sdxl_overrides(models) -> dict:
@@ -388,8 +421,6 @@ def _model_entries(workflow: dict) -> dict[str, dict]:
 def _frontend_session(browser, base: Path, static: Path, cc0_recordings, model_files: bool):
     """A ComfyUI serving `static`, with the datasets, eval sets and audio the workflows pick (nothing is run), and,
     if `model_files`, an empty file for every model entry, in the folder the entry names."""
-    import shutil
-
     from test_browser import Page
     from tools.comfy_server import ComfyServer
 
@@ -407,8 +438,12 @@ def _frontend_session(browser, base: Path, static: Path, cc0_recordings, model_f
                 if node["type"] == "AudioTokenEvaluate":
                     (server.base / "input" / "audiotoken_eval" / node["widgets_values"][0]).mkdir(parents=True, exist_ok=True)
                 if node["type"] == "LoadAudio":
-                    shutil.copy(next(p for p in cc0_recordings if p.name == node["widgets_values"][0]),
-                                server.base / "input" / node["widgets_values"][0])
+                    name = node["widgets_values"][0]
+                    recording = next((p for p in cc0_recordings if p.name == name), None)
+                    if recording is None:  # not a CC0 recording (the voice workflow's voice.wav): a tone stands in
+                        write_tone(server.base / "input" / name, 220.0)
+                    else:
+                        shutil.copy(recording, server.base / "input" / name)
         server.wait_ready()
         for key, value in {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}.items():
             server.request("POST", f"/settings/{key}", value)

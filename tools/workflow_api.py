@@ -6,6 +6,8 @@ a workflow against a live server: node types exist, values are valid, links matc
 """
 from __future__ import annotations
 
+import json
+
 # A combo whose chosen option brings its own inputs (upstream comfy_api's DynamicCombo, e.g. SaveVideo's `format`
 # with a nested `codec` since 2026; not in ComfyUI 0.3.75). The API format names a nested input by its path:
 # "format.codec".
@@ -72,6 +74,7 @@ def convert(workflow: dict, object_info: dict, overrides: dict[str, dict] | None
     the saved values do not reach gets its default, as the frontend gives it (inputs a newer server added).
     """
     overrides = overrides or {}
+    workflow, promoted = flatten(workflow)
     problems: list[str] = []
     links = {link[0]: link for link in workflow.get("links", [])}
     nodes = {n["id"]: n for n in workflow["nodes"]}
@@ -99,6 +102,7 @@ def convert(workflow: dict, object_info: dict, overrides: dict[str, dict] | None
                 value = values.pop(0) if values else _default(spec)
                 if values and _has_control_widget(name, spec):
                     values.pop(0)
+                value = promoted.get(node["id"], {}).get(name, value)
                 value = overrides.get(kind, {}).get(name, value)
                 if name not in linked and value is not None:
                     problems += _check_value(where, name, spec, value)
@@ -127,6 +131,85 @@ def convert(workflow: dict, object_info: dict, overrides: dict[str, dict] | None
                             f"line up with the server's inputs")
         prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
     return prompt, problems
+
+
+SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = -10, -20  # the ids a subgraph's links give its input and output nodes
+
+
+def flatten(workflow: dict) -> tuple[dict, dict]:
+    """(the workflow with every subgraph node replaced by the nodes of its definition, promoted widget values).
+
+    As the frontend queues a graph with subgraph nodes (subgraph blueprints, subgraphs/*.json): an inner node gets
+    the id "<subgraph node id>:<inner id>"; an inner input fed by the subgraph's input k is fed by whatever feeds
+    the subgraph node's input k, and when nothing does and that input is a widget, by the subgraph node's widget
+    value (returned as {inner node id: {input: value}}; without one, the inner node's own saved value stays).
+    Nested subgraphs are expanded in turn.
+    """
+    definitions = {d["id"]: d for d in (workflow.get("definitions") or {}).get("subgraphs", [])}
+    if not any(n["type"] in definitions for n in workflow["nodes"]):
+        return workflow, {}
+    workflow = json.loads(json.dumps(workflow))
+    promoted: dict = {}
+    while subgraph_nodes := [n for n in workflow["nodes"] if n["type"] in definitions]:
+        _expand(workflow, subgraph_nodes[0], definitions[subgraph_nodes[0]["type"]], promoted)
+    return workflow, promoted
+
+
+def _expand(workflow: dict, node: dict, definition: dict, promoted: dict) -> None:
+    prefix = f"{node['id']}:"
+    links = {link[0]: link for link in workflow["links"]}
+    next_id = max([0, *(lid for lid in links if isinstance(lid, int))]) + 1
+    inner = {n["id"]: json.loads(json.dumps(n)) for n in definition["nodes"]}
+    for n in inner.values():
+        n["id"] = prefix + str(n["id"])
+        for i in n.get("inputs", []):
+            i["link"] = None
+        for o in n.get("outputs", []):
+            o["links"] = []
+    nodes = {n["id"]: n for n in workflow["nodes"] if n is not node}
+    nodes.update({n["id"]: n for n in inner.values()})
+    outer_in = {i["name"]: i for i in node.get("inputs", [])}
+    widget_values = dict(zip([i["name"] for i in node.get("inputs", []) if i.get("widget")],
+                             node.get("widgets_values") or []))
+    new_links = [link for link in workflow["links"] if node["id"] not in (link[1], link[3])]
+
+    def source(origin_id, origin_slot):
+        """(node id, slot) feeding an inner link's origin, or the name of an unfed subgraph input."""
+        if origin_id != SUBGRAPH_INPUT:
+            return inner[origin_id]["id"], origin_slot
+        name = definition["inputs"][origin_slot]["name"]
+        fed = outer_in.get(name, {}).get("link")
+        return (links[fed][1], links[fed][2]) if fed is not None else name
+
+    def connect(src, dst_id, dst_slot, kind):
+        nonlocal next_id
+        new_links.append([next_id, src[0], src[1], dst_id, dst_slot, kind])
+        nodes[dst_id]["inputs"][dst_slot]["link"] = next_id
+        nodes[src[0]]["outputs"][src[1]].setdefault("links", []).append(next_id)
+        next_id += 1
+
+    for link in workflow["links"]:  # the subgraph node's own links go: drop them from the nodes they join
+        if link[3] == node["id"] or link[1] == node["id"]:
+            other = nodes.get(link[1] if link[3] == node["id"] else link[3])
+            for slot in (other or {}).get("outputs", []):
+                slot["links"] = [lid for lid in slot.get("links") or [] if lid != link[0]]
+    for link in definition["links"]:
+        src = source(link["origin_id"], link["origin_slot"])
+        if link["target_id"] == SUBGRAPH_OUTPUT:
+            for outer in (lk for lk in workflow["links"] if lk[1] == node["id"] and lk[2] == link["target_slot"]):
+                if isinstance(src, str):
+                    continue  # an unfed input passed straight through: the outer target stays unfed
+                connect(src, outer[3], outer[4], outer[5])
+            continue
+        target = inner[link["target_id"]]
+        if isinstance(src, str):
+            if src in widget_values:
+                slot = target["inputs"][link["target_slot"]]
+                promoted.setdefault(target["id"], {})[slot["name"]] = widget_values[src]
+            continue
+        connect(src, target["id"], link["target_slot"], link["type"])
+    workflow["nodes"] = list(nodes.values())
+    workflow["links"] = new_links
 
 
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above `pos`
