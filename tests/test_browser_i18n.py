@@ -2,7 +2,7 @@
 tests/test_browser.py), on the frontend ComfyUI 0.3.75 pins and on test_browser.NEWER_FRONTEND.
 
 - help: a user selects our node on the canvas and presses the selection toolbox's "info" button; the help
-  panel shows web/docs/AudioTokenEncode.md rendered (its title, an input name);
+  panel shows web/docs/AudioTokenEncode.md rendered (its title, an input name, its picture loaded);
 - locales: with the setting Comfy.Locale = zh / ja (set through the page's settings store, which saves it on
   the server, then a reload as after a restart), a new AudioTokenEncode node on the canvas carries the display
   name and input/widget labels of locales/<lang>/nodeDefs.json; setting "en" back gives the English names.
@@ -105,8 +105,22 @@ def test_help_page_opens_from_the_selection_toolbox(page, ui_server):
     heading = content.locator("h1").first.inner_text()
     assert heading.strip() == title, (heading, rendered[:400])
     assert first_input in rendered and "window_seconds" in rendered and "## Inputs" not in rendered, rendered[:800]
+    # the page's picture (../help_images/encode_node.png) is fetched from the pack's web directory and decoded
+    picture = content.locator("img").first
+    picture.wait_for(timeout=10_000)
+    page.page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=picture.element_handle(),
+                                timeout=10_000)
+    size = picture.evaluate("(img) => [img.naturalWidth, img.naturalHeight, new URL(img.src).pathname]")
+    assert size[:2] == list(_png_size(REPO_ROOT / "web" / "help_images" / "encode_node.png")), size
+    assert size[2].endswith("/help_images/encode_node.png"), size
     page.shot(f"20_help_page_{ui_server.frontend}")
     _assert_no_errors_but_the_locale_probe(page)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk."""
+    header = path.read_bytes()[16:24]
+    return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
 
 
 def _assert_no_errors_but_the_locale_probe(p: Page):

@@ -89,3 +89,22 @@ def test_pages_keep_angle_brackets_out_of_html(docs_dir):
     for page in docs_dir.glob("*.md"):
         for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
             assert "<" not in re.sub(r"`[^`]*`", "", line), f"{page.name}:{number}: escape '<' as &lt; or quote it as code"
+
+
+IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def test_pictures_resolve_inside_the_web_directory_and_every_picture_is_used(docs_dir):
+    """The panel resolves a relative picture against /extensions/<pack>/docs/ (the pack's WEB_DIRECTORY/docs):
+    each one must be a small PNG/JPEG inside the web directory, described by its alt text; none lies unused."""
+    web = docs_dir.parent.resolve()
+    used = set()
+    for page in sorted(docs_dir.rglob("*.md")):
+        for alt, src in IMAGE.findall(page.read_text(encoding="utf-8")):
+            target = (page.parent / src).resolve()
+            assert target.is_relative_to(web) and target.is_file(), f"{page.name}: {src} is not a file under web/"
+            assert target.suffix in (".png", ".jpg") and target.stat().st_size < 150_000, (page.name, src)
+            assert len(alt) > 20, f"{page.name}: describe {src} in its alt text"
+            used.add(target)
+    pictures = {p.resolve() for p in (web / "help_images").iterdir()}
+    assert len(used) >= 3 and used == pictures, f"unused: {sorted(map(str, pictures - used))}"
