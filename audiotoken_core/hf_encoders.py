@@ -161,6 +161,18 @@ def _conv_min_samples(config) -> int:
     return need
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """A model folder's weight files: its *.safetensors, else its pytorch_model*.bin (read weights-only)."""
+    safetensors = sorted(folder.glob("*.safetensors"))
+    bins = sorted(p for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
+    if not safetensors and not bins:
+        raise AudioEncoderFileError(
+            f"{folder.name} has no weights: expected model.safetensors (or model-0000x-of-0000y.safetensors) "
+            "next to config.json"
+        )
+    return safetensors or bins
+
+
 class HFAudioEncoder(AudioEncoder):
     """AST / wav2vec2 / HuBERT from transformers, frozen, features of selected layers."""
 
@@ -218,14 +230,9 @@ class HFAudioEncoder(AudioEncoder):
         num_layers = int(config.num_hidden_layers)
         resolve_layers(layers, num_layers)  # fail on bad layers before loading weights
 
-        safetensors = sorted(folder.glob("*.safetensors"))
-        bins = sorted(p for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
-        if not safetensors and not bins:
-            raise AudioEncoderFileError(
-                f"{folder.name} has no weights: expected model.safetensors (or model-0000x-of-0000y.safetensors) "
-                "next to config.json"
-            )
-        parts = [] if safetensors else [load_torch_weights_only(file, "a transformers state dict") for file in bins]
+        files = _weight_files(folder)
+        safetensors = files[0].suffix == ".safetensors"
+        parts = [] if safetensors else [load_torch_weights_only(file, "a transformers state dict") for file in files]
         try:
             kwargs: dict[str, Any] = {"config": config, "local_files_only": True, "output_loading_info": True}
             if safetensors:
@@ -393,15 +400,8 @@ def _state_dict_files(folder: Path) -> dict[str, Tensor]:
     """All tensors of a folder's *.safetensors (or weights-only pytorch_model*.bin) files."""
     from safetensors.torch import load_file
 
-    safetensors = sorted(folder.glob("*.safetensors"))
-    bins = sorted(p for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
-    if not safetensors and not bins:
-        raise AudioEncoderFileError(
-            f"{folder.name} has no weights: expected model.safetensors (or model-0000x-of-0000y.safetensors) "
-            "next to config.json"
-        )
     state: dict[str, Tensor] = {}
-    for file in safetensors or bins:
+    for file in _weight_files(folder):
         state.update(load_file(str(file)) if file.suffix == ".safetensors"
                      else load_torch_weights_only(file, "a transformers state dict"))
     return state
