@@ -61,6 +61,13 @@ def _newer_frontend_static() -> Path:
     return static
 
 
+def as_fresh_user(server, settings: dict | None = None) -> None:
+    """Save a fresh user's settings on the server before a page opens: no first-run template browser or minimap
+    over the canvas, plus `settings` (e.g. {"Comfy.Locale": "en"})."""
+    for key, value in {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, **(settings or {})}.items():
+        server.request("POST", f"/settings/{key}", value)
+
+
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory, cc0_recordings):
     """A ComfyUI with the frontend, generated placeholder models and the CC0 dog/cat recordings."""
@@ -79,9 +86,7 @@ def ui_server(tmp_path_factory, cc0_recordings):
         for name in ("dog.mp3", "cat.mp3"):
             shutil.copy(next(p for p in cc0_recordings if p.name == name), base / "input" / name)
         server.wait_ready()
-        # A fresh user: no first-run template browser or minimap over the canvas.
-        for key, value in {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}.items():
-            server.request("POST", f"/settings/{key}", value)
+        as_fresh_user(server)
         yield server
     finally:
         server.stop()

@@ -39,9 +39,7 @@ def ui_server(request, tmp_path_factory):
     server = ComfyServer(base, front_end_root=static, test_nodes=False)
     try:
         server.wait_ready()
-        for key, value in {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
-                           "Comfy.Locale": "en"}.items():
-            server.request("POST", f"/settings/{key}", value)
+        test_browser.as_fresh_user(server, {"Comfy.Locale": "en"})
         server.frontend = request.param
         yield server
     finally:

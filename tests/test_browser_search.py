@@ -38,8 +38,7 @@ def ui_server(request, tmp_path_factory):
                          test_nodes=False)
     try:
         server.wait_ready()
-        for key, value in {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}.items():
-            server.request("POST", f"/settings/{key}", value)
+        test_browser.as_fresh_user(server)
         yield server
     finally:
         server.stop()

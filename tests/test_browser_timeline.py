@@ -65,8 +65,7 @@ def ui_server(request, tmp_path_factory, cc0_recordings):
         server.wait_ready()
         assert "AudioTokenTimeline" in server.get("/object_info"), \
             "the pack does not register AudioTokenTimeline: nodes/__init__.py must list nodes.timeline_nodes.NODES"
-        for key, value in {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}.items():
-            server.request("POST", f"/settings/{key}", value)
+        test_browser.as_fresh_user(server)
         server.frontend = request.param
         yield server
     finally:

@@ -36,6 +36,7 @@ from audiotoken_core.speaker import GE2E
 from audiotoken_core.token_file import AudioToken, load_audiotoken, save_audiotoken
 from comfy_fixtures import (BEATS, CKPT, REFERENCE_BIN, TOKEN_SD15, sdxl_and_base_models,  # noqa: F401 (fixture)
                             write_eval_set)
+import test_browser
 from test_browser import NEWER_FRONTEND, browser  # noqa: F401 (fixture: one Chromium for both frontends)
 from tools.comfy_server import execution_error
 from tools.workflow_api import convert, format_problems
@@ -445,8 +446,7 @@ def _frontend_session(browser, base: Path, static: Path, cc0_recordings, model_f
                     else:
                         shutil.copy(recording, server.base / "input" / name)
         server.wait_ready()
-        for key, value in {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}.items():
-            server.request("POST", f"/settings/{key}", value)
+        test_browser.as_fresh_user(server)
         page = Page(browser, server)
         try:
             yield page
